@@ -1,0 +1,321 @@
+"""Sockets as users hold them: ``Flow`` (a connected stream), ``ListeningSocket`` and
+``DatagramSocket``.
+
+Each wraps a gevent socket and translates its errors through :mod:`greenserve.errors`.
+Each may be owned by a :class:`~greenserve.Switch` (``sw.attach``): it is then closed
+when the switch finishes, and closing it earlier detaches it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as _stdsocket
+import stat
+from types import TracebackType
+from typing import Any
+
+from gevent import socket as gsocket
+
+from .address import Address, Fd, Tcp, Udp, Unix, from_sockaddr
+from .errors import reraise
+from .switch import ReleaseHook, Switch
+
+__all__ = ["DatagramSocket", "Flow", "ListeningSocket", "open_listener"]
+
+_SHUTDOWN = {"send": _stdsocket.SHUT_WR, "receive": _stdsocket.SHUT_RD,
+             "both": _stdsocket.SHUT_RDWR}
+
+# Default read size: one 64 KiB chunk is what the kernel hands back for a busy TCP
+# socket on loopback, so a larger buffer buys nothing and a smaller one costs syscalls.
+DEFAULT_READ_SIZE = 65536
+
+
+class _Owned:
+    """Close-once and switch-ownership bookkeeping shared by the socket wrappers."""
+
+    __slots__ = ("_sock", "_hook", "_closed")
+
+    def __init__(self, sock: gsocket.socket) -> None:
+        self._sock = sock
+        self._hook: ReleaseHook | None = None
+        self._closed = False
+
+    def _own(self, sw: Switch | None) -> None:
+        if sw is not None:
+            self._hook = sw.on_release(self.close)
+
+    @property
+    def socket(self) -> gsocket.socket:
+        """The underlying gevent socket."""
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return int(self._sock.fileno())
+
+    def close(self) -> None:
+        """Close the socket (idempotent) and detach it from its switch."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._sock.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Flow(_Owned):
+    """A connected stream socket (TCP or unix).
+
+    Error handling: ``ECONNRESET``/``EPIPE``/``ECONNABORTED`` raise ``ConnectionReset``.
+    Resource handling: the flow owns its socket; :meth:`close` (or the owning switch)
+    closes it.
+    """
+
+    __slots__ = ("_peer", "_local", "__weakref__")
+
+    def __init__(self, sock: gsocket.socket, *, peer: Tcp | Unix | None = None,
+                 sw: Switch | None = None) -> None:
+        super().__init__(sock)
+        self._peer = peer
+        self._local: Tcp | Unix | None = None
+        self._own(sw)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
+        return f"<Flow {state} peer={self._peer}>"
+
+    @property
+    def peer(self) -> Tcp | Unix:
+        """The remote address."""
+        if self._peer is None:
+            try:
+                self._peer = from_sockaddr(self._sock.family, self._sock.getpeername())
+            except OSError as exc:
+                reraise(exc)
+        return self._peer  # type: ignore[return-value]
+
+    @property
+    def local(self) -> Tcp | Unix:
+        """The local address."""
+        if self._local is None:
+            try:
+                self._local = from_sockaddr(self._sock.family, self._sock.getsockname())
+            except OSError as exc:
+                reraise(exc)
+        return self._local  # type: ignore[return-value]
+
+    def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
+        """Read up to ``max_bytes``; ``b""`` at end of file."""
+        try:
+            return self._sock.recv(max_bytes)  # type: ignore[no-any-return]
+        except OSError as exc:
+            reraise(exc)
+
+    def read_into(self, buffer: Any) -> int:
+        """Read into ``buffer`` (a writable buffer); return the count, 0 at end of file."""
+        try:
+            return self._sock.recv_into(buffer)  # type: ignore[no-any-return]
+        except OSError as exc:
+            reraise(exc)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data``, blocking this greenlet until the kernel took it."""
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            reraise(exc)
+
+    def shutdown(self, how: str) -> None:
+        """Shut down ``"send"`` (the peer sees end of file), ``"receive"`` or ``"both"``."""
+        try:
+            flag = _SHUTDOWN[how]
+        except (KeyError, TypeError):
+            raise ValueError(f"how must be 'send', 'receive' or 'both', not {how!r}") from None
+        try:
+            self._sock.shutdown(flag)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # the peer already went away: nothing to shut
+                reraise(exc)
+
+
+class ListeningSocket(_Owned):
+    """A bound, listening stream socket.
+
+    Resource handling: :meth:`close` closes it and, for a unix path this process bound,
+    removes the path if it is still our socket (same device and inode).
+    """
+
+    __slots__ = ("_address", "_unlink", "__weakref__")
+
+    def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None,
+                 unlink: tuple[str, int, int, int] | None = None) -> None:
+        super().__init__(sock)
+        self._address = from_sockaddr(sock.family, sock.getsockname())
+        self._unlink = unlink  # (path, pid, st_dev, st_ino) of a path we bound
+        self._own(sw)
+
+    def __repr__(self) -> str:
+        return f"<ListeningSocket {self._address}{' closed' if self._closed else ''}>"
+
+    @property
+    def address(self) -> Tcp | Unix:
+        """The address really bound (port 0 resolved to the chosen port)."""
+        return self._address
+
+    def accept(self, *, sw: Switch) -> tuple[Flow, Tcp | Unix]:
+        """Wait for a connection; return ``(flow, peer_address)``, the flow owned by ``sw``."""
+        try:
+            conn, raw = self._sock.accept()
+        except OSError as exc:
+            reraise(exc, f"accepting on {self._address}")
+        peer = from_sockaddr(conn.family, raw)
+        return Flow(conn, peer=peer, sw=sw), peer
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        if self._unlink is not None:
+            _unlink_if_ours(*self._unlink)
+            self._unlink = None
+
+
+class DatagramSocket(_Owned):
+    """A UDP or unix datagram socket."""
+
+    __slots__ = ("__weakref__",)
+
+    def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None) -> None:
+        super().__init__(sock)
+        self._own(sw)
+
+    def __repr__(self) -> str:
+        return f"<DatagramSocket {self.address if not self._closed else 'closed'}>"
+
+    @property
+    def address(self) -> Udp | Unix | None:
+        """The local address, or ``None`` for an unbound client socket."""
+        name = self._sock.getsockname()
+        if self._sock.family == _stdsocket.AF_UNIX and not name:
+            return None
+        result = from_sockaddr(self._sock.family, name, datagram=True)
+        assert isinstance(result, (Udp, Unix))
+        return result
+
+    def send(self, addr: Udp | Unix, data: bytes | bytearray | memoryview) -> None:
+        """Send one datagram to ``addr``."""
+        if not isinstance(addr, (Udp, Unix)):
+            raise TypeError(f"addr must be Udp or Unix, not {type(addr).__name__}")
+        try:
+            self._sock.sendto(data, addr.sockaddr)
+        except OSError as exc:
+            reraise(exc, f"sending to {addr}")
+
+    def recv(self, buffer: Any) -> tuple[Udp | Unix, int]:
+        """Receive one datagram into ``buffer``; return ``(sender, nbytes)``."""
+        try:
+            n, raw = self._sock.recvfrom_into(buffer)
+        except OSError as exc:
+            reraise(exc)
+        if self._sock.family == _stdsocket.AF_UNIX and not raw:
+            return from_sockaddr(_stdsocket.AF_UNIX, ""), n  # an unbound sender
+        return from_sockaddr(self._sock.family, raw, datagram=True), n  # type: ignore[return-value]
+
+
+# -- creating listening sockets ------------------------------------------------------------
+
+
+def _unlink_if_ours(path: str, pid: int, dev: int, ino: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked child shares the socket but does not own the path
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
+        os.unlink(path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket: not removed")
+    os.unlink(path)
+
+
+def _bind_unix(sock: gsocket.socket, addr: Unix, reuse_addr: bool
+               ) -> tuple[str, int, int, int] | None:
+    if addr.abstract:
+        sock.bind(addr.path)
+        return None
+    if reuse_addr:
+        _remove_stale_socket(addr.path)
+    sock.bind(addr.path)
+    st = os.lstat(addr.path)
+    return (addr.path, os.getpid(), st.st_dev, st.st_ino)
+
+
+def _inherited(fd: int) -> gsocket.socket:
+    sock = gsocket.socket(fileno=fd)
+    if sock.type != _stdsocket.SOCK_STREAM or not sock.getsockopt(
+            _stdsocket.SOL_SOCKET, _stdsocket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ValueError(f"fd://{fd} is not a listening stream socket")
+    return sock
+
+
+def open_listener(addr: Address, *, backlog: int, reuse_addr: bool = False,
+                  reuse_port: bool = False, sw: Switch | None = None) -> ListeningSocket:
+    """Bind and listen on ``addr`` (``Tcp``, ``Unix`` or ``Fd``); nothing leaks on failure.
+
+    Raises ``ValueError`` for a ``Udp`` address or a bad ``backlog``; ``OSError``
+    (e.g. ``EADDRINUSE``, with a note naming the address) when binding fails.
+    """
+    if isinstance(backlog, bool) or not isinstance(backlog, int):
+        raise TypeError(f"backlog must be an int, not {type(backlog).__name__}")
+    if backlog < 0:
+        raise ValueError(f"backlog must be >= 0, not {backlog}")
+    if isinstance(addr, Fd):
+        sock = _inherited(addr.fd)
+        sock.listen(backlog)
+        return ListeningSocket(sock, sw=sw)
+    if not isinstance(addr, (Tcp, Unix)):
+        raise ValueError(f"cannot listen on {addr}: a stream address (tcp/unix/fd) is needed")
+    sock = gsocket.socket(addr.family, _stdsocket.SOCK_STREAM)
+    try:
+        unlink = _configure_and_bind(sock, addr, reuse_addr, reuse_port)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        reraise(exc, f"listening on {addr}")
+    except BaseException:
+        sock.close()
+        raise
+    return ListeningSocket(sock, sw=sw, unlink=unlink)
+
+
+def _configure_and_bind(sock: gsocket.socket, addr: Tcp | Unix, reuse_addr: bool,
+                        reuse_port: bool) -> tuple[str, int, int, int] | None:
+    if isinstance(addr, Unix):
+        return _bind_unix(sock, addr, reuse_addr)
+    if reuse_addr:
+        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEPORT, 1)
+    sock.bind(addr.sockaddr)
+    return None

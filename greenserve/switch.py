@@ -1,0 +1,452 @@
+"""``Switch``: structured concurrency for greenlets, after Eio's ``Switch``.
+
+A switch owns fibers (greenlets) and resources. Leaving it waits for its fibers, cancels
+its daemons, then closes what it owns (release hooks, last registered first). A failure
+anywhere cancels everything else and is re-raised when the switch exits.
+
+Design rules (each one answers a trap of raw greenlets):
+
+- Completion is tracked with ``rawlink``, not with the fiber's own ``finally``: a
+  greenlet killed before it started never runs its body, but its links still fire.
+- Cancellation is *delivered* from a hub callback (``greenlet.throw``), never by killing
+  the caller synchronously: a fiber that cancels its own switch gets ``Cancelled`` at its
+  next blocking point. Every fiber is thrown into at most once (a second kill would
+  interrupt a ``finally:`` that blocks); a fiber that swallows ``Cancelled`` is simply
+  waited for.
+- A fiber's exception is collected by the switch (the hub never prints it) and its
+  value is the function's return value, never a ``GreenletExit``.
+- Fibers run in a copy of the forker's ``contextvars`` context.
+- Waiting at exit is shielded: an exception thrown into the waiting greenlet (an outer
+  switch's cancellation, ``KeyboardInterrupt``) cancels this switch, the wait goes on,
+  and the exception is raised once everything owned is gone. This is also how nesting
+  works: an outer switch cancels a fiber, the inner switch used in that fiber sees the
+  foreign ``Cancelled`` and cancels itself.
+- Release hooks run in a greenlet nobody cancels, so cleanup that blocks (a flush, a
+  graceful close) is never cut short.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import sys
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+import gevent
+from gevent import Greenlet, GreenletExit, getcurrent
+from gevent.event import AsyncResult, Event
+
+from .errors import Cancelled
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["Cancelled", "Switch", "TaskStatus"]
+
+T = TypeVar("T")
+
+# Fiber states.
+_PENDING, _RUNNING, _KILLED = 0, 1, 2
+
+_names = itertools.count(1)
+
+
+class _Closeable(Protocol):
+    def close(self) -> object: ...
+
+
+R = TypeVar("R", bound=_Closeable)
+
+
+class ReleaseHook:
+    """Returned by :meth:`Switch.on_release`; :meth:`remove` cancels the hook."""
+
+    __slots__ = ("_hooks", "_key", "fn", "args")
+
+    def __init__(self, hooks: dict[int, ReleaseHook], key: int,
+                 fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        self._hooks = hooks
+        self._key = key
+        self.fn = fn
+        self.args = args
+
+    def remove(self) -> None:
+        """Forget the hook (it will not run). Safe to call more than once."""
+        self._hooks.pop(self._key, None)
+
+
+class TaskStatus:
+    """Passed as ``task_status=`` by :meth:`Switch.start`; call :meth:`started` once ready."""
+
+    __slots__ = ("_ready", "_started")
+
+    def __init__(self) -> None:
+        self._ready: AsyncResult = AsyncResult()
+        self._started = False
+
+    def started(self, value: object = None) -> None:
+        """Let :meth:`Switch.start` return ``value``. Raises ``RuntimeError`` if called twice."""
+        if self._started:
+            raise RuntimeError("task_status.started() was already called")
+        self._started = True
+        self._ready.set(value)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._started = True
+        self._ready.set_exception(exc)
+
+
+class Switch:
+    """A group of fibers and resources with one lifetime.
+
+    ``with Switch() as sw:`` ... — see the module docstring and API.md section 4.
+    Resource handling: everything ``attach``-ed or registered with ``on_release`` is
+    released when the switch finishes, last registered first.
+    Error handling: the first failure cancels every other fiber and the body, and is
+    re-raised (the same object) when the ``with`` block exits; several distinct
+    failures raise ``BaseExceptionGroup`` in the order they happened.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name if name is not None else f"switch-{next(_names)}"
+        self._state: dict[Greenlet, int] = {}
+        self._daemons: set[Greenlet] = set()
+        self._live = 0          # non-daemon fibers not yet dead
+        self._live_daemons = 0
+        self._fibers_done = Event()
+        self._fibers_done.set()
+        self._daemons_done = Event()
+        self._daemons_done.set()
+        self._hooks: dict[int, ReleaseHook] = {}
+        self._hook_keys = itertools.count()
+        self._failures: list[BaseException] = []
+        self._cancelled = False
+        self._closing = False   # daemons are being cancelled: nothing new may start
+        self._releasing = False
+        self._finished = False
+        self._entered = False
+        self._owner: Any = None  # the greenlet running the body
+        self._body_running = False
+        self._body_cancel: Cancelled | None = None
+
+    # -- public state -------------------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the switch was cancelled or failed."""
+        return self._cancelled
+
+    @property
+    def finished(self) -> bool:
+        """True once the switch has released everything it owned."""
+        return self._finished
+
+    def __repr__(self) -> str:
+        state = ("finished" if self._finished else "releasing" if self._releasing
+                 else "cancelled" if self._cancelled else "running")
+        return (f"<Switch {self.name!r} {state} fibers={self._live} "
+                f"daemons={self._live_daemons} hooks={len(self._hooks)}>")
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` if finished, ``Cancelled`` if cancelled; else nothing."""
+        if self._finished:
+            raise RuntimeError(f"{self!r} is finished")
+        if self._cancelled:
+            raise Cancelled(f"{self!r} was cancelled")
+
+    # -- fibers -------------------------------------------------------------------------
+
+    def fork(self, fn: Callable[..., T], *args: Any, **kw: Any) -> Greenlet:
+        """Run ``fn(*args, **kw)`` in a new fiber; the switch waits for it on exit.
+
+        Raises ``RuntimeError`` if the switch is finished. On a cancelled switch the
+        fiber is created but ``fn`` is never called. An exception from ``fn`` fails
+        the switch.
+        """
+        return self._spawn(fn, args, kw, daemon=False, promise=None, status=None)
+
+    def fork_daemon(self, fn: Callable[..., T], *args: Any, **kw: Any) -> Greenlet:
+        """Like :meth:`fork`, but the switch does not wait for it: once every other
+        fiber has finished, daemons are cancelled."""
+        return self._spawn(fn, args, kw, daemon=True, promise=None, status=None)
+
+    def fork_promise(self, fn: Callable[..., T], *args: Any, **kw: Any) -> AsyncResult:
+        """Run ``fn`` in a fiber and return an ``AsyncResult`` for its value or exception.
+
+        A failure of ``fn`` is stored in the result and does not fail the switch.
+        If the fiber is cancelled, the result holds ``Cancelled``.
+        """
+        promise: AsyncResult = AsyncResult()
+        self._spawn(fn, args, kw, daemon=False, promise=promise, status=None)
+        return promise
+
+    def start(self, fn: Callable[..., object], *args: Any, **kw: Any) -> Any:
+        """Fork ``fn(*args, task_status=..., **kw)`` and block until it calls
+        ``task_status.started(value)``; return ``value``.
+
+        An exception raised by ``fn`` before it called ``started`` is raised here (and
+        does not fail the switch); returning without calling it raises ``RuntimeError``.
+        After ``started``, ``fn`` is an ordinary fiber of the switch.
+        """
+        status = TaskStatus()
+        kw["task_status"] = status
+        self._spawn(fn, args, kw, daemon=False, promise=None, status=status)
+        return status._ready.get()
+
+    def _spawn(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any], *,
+               daemon: bool, promise: AsyncResult | None,
+               status: TaskStatus | None) -> Greenlet:
+        if self._finished:
+            raise RuntimeError(f"{self!r} is finished: cannot fork {fn!r}")
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        ctx = contextvars.copy_context()
+        g = Greenlet(self._run_fiber, fn, args, kw, ctx, daemon, promise, status)
+        self._state[g] = _PENDING
+        if daemon:
+            self._daemons.add(g)
+            self._live_daemons += 1
+            self._daemons_done.clear()
+        else:
+            self._live += 1
+            self._fibers_done.clear()
+        g.rawlink(self._reap)
+        g.start()
+        return g
+
+    def _run_fiber(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any],
+                   ctx: contextvars.Context, daemon: bool, promise: AsyncResult | None,
+                   status: TaskStatus | None) -> Any:
+        if self._cancelled or (daemon and self._closing):
+            self._never_ran(promise, status)
+            return None
+        self._state[getcurrent()] = _RUNNING
+        try:
+            result = ctx.run(fn, *args, **kw)
+        except GreenletExit as exc:  # Cancelled, or a direct kill(): not a failure
+            self._fiber_cancelled(exc, promise, status)
+            return None
+        except BaseException as exc:
+            self._fiber_failed(exc, promise, status)
+            return None
+        if promise is not None:
+            promise.set(result)
+        elif status is not None and not status._started:
+            status._fail(RuntimeError(f"{fn!r} returned without calling task_status.started()"))
+        return result
+
+    def _never_ran(self, promise: AsyncResult | None, status: TaskStatus | None) -> None:
+        exc = Cancelled(f"{self!r} was cancelled before the fiber started")
+        if promise is not None:
+            promise.set_exception(exc)
+        if status is not None:
+            status._fail(exc)
+
+    def _fiber_cancelled(self, exc: GreenletExit, promise: AsyncResult | None,
+                         status: TaskStatus | None) -> None:
+        cancelled = exc if isinstance(exc, Cancelled) else Cancelled(str(exc))
+        if promise is not None:
+            promise.set_exception(cancelled)
+        elif status is not None and not status._started:
+            status._fail(cancelled)
+
+    def _fiber_failed(self, exc: BaseException, promise: AsyncResult | None,
+                      status: TaskStatus | None) -> None:
+        if promise is not None:
+            promise.set_exception(exc)
+        elif status is not None and not status._started:
+            status._fail(exc)
+        else:
+            self._record_failure(exc)
+
+    def _reap(self, g: Greenlet) -> None:
+        self._state.pop(g, None)
+        if g in self._daemons:
+            self._daemons.discard(g)
+            self._live_daemons -= 1
+            if not self._live_daemons:
+                self._daemons_done.set()
+        else:
+            self._live -= 1
+            if not self._live:
+                self._fibers_done.set()
+
+    # -- cancellation and failure ---------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Cancel every fiber and the body, without an error.
+
+        Each fiber gets ``Cancelled`` at its next blocking point (never synchronously,
+        even when called from inside a fiber). The ``with`` block then exits normally.
+        """
+        if self._cancelled:
+            return
+        self._cancelled = True
+        for g, state in list(self._state.items()):
+            if state == _RUNNING:
+                self._kill(g)
+        self._cancel_body()
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail the switch with ``exc``: cancel everything; ``exc`` is raised on exit."""
+        if not isinstance(exc, BaseException):
+            raise TypeError(f"exc must be an exception, not {type(exc).__name__}")
+        if isinstance(exc, GreenletExit):
+            self.cancel()
+        else:
+            self._record_failure(exc)
+
+    def _record_failure(self, exc: BaseException) -> None:
+        if not any(exc is seen for seen in self._failures):
+            self._failures.append(exc)
+        self.cancel()
+
+    def _kill(self, g: Greenlet) -> None:
+        self._state[g] = _KILLED
+        gevent.get_hub().loop.run_callback(self._deliver, g)
+
+    def _deliver(self, g: Greenlet) -> None:
+        if not g.dead:
+            g.throw(Cancelled(f"{self!r} was cancelled"))
+
+    def _cancel_body(self) -> None:
+        if self._body_running and self._body_cancel is None:
+            self._body_cancel = Cancelled(f"{self!r} was cancelled")
+            gevent.get_hub().loop.run_callback(self._deliver_body)
+
+    def _deliver_body(self) -> None:
+        if self._body_running and not self._owner.dead:
+            self._owner.throw(self._body_cancel)
+
+    # -- resources ----------------------------------------------------------------------
+
+    def on_release(self, fn: Callable[..., object], *args: Any) -> ReleaseHook:
+        """Call ``fn(*args)`` when the switch finishes (last registered, first run).
+
+        Returns a hook whose ``remove()`` cancels it. After release has started,
+        ``fn`` runs at once and ``RuntimeError`` is raised.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if self._releasing:
+            fn(*args)
+            raise RuntimeError(f"{self!r} is already releasing: ran {fn!r} at once")
+        key = next(self._hook_keys)
+        hook = ReleaseHook(self._hooks, key, fn, args)
+        self._hooks[key] = hook
+        return hook
+
+    def attach(self, resource: R) -> R:
+        """Close ``resource`` (its ``close()``) when the switch finishes; return it."""
+        close = getattr(resource, "close", None)
+        if not callable(close):
+            raise TypeError(f"resource must have a close() method: {resource!r}")
+        self.on_release(close)
+        return resource
+
+    # -- the lifetime -------------------------------------------------------------------
+
+    def __enter__(self) -> Switch:
+        if self._entered:
+            raise RuntimeError(f"{self!r} was already entered: make a new Switch")
+        self._entered = True
+        self._owner = getcurrent()
+        self._body_running = True
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        self._body_running = False
+        outer: BaseException | None = None
+        if ev is not None and ev is not self._body_cancel:
+            if isinstance(ev, GreenletExit):  # an outer switch (or a kill) cancels us
+                outer = ev
+                self.cancel()
+            else:
+                self._record_failure(ev)
+        thrown = self._finish()
+        if outer is None:
+            outer = thrown
+        return self._outcome(ev, outer)
+
+    @classmethod
+    def run(cls, fn: Callable[..., T], *args: Any, **kw: Any) -> T | None:
+        """``with Switch() as sw: return fn(sw, *args, **kw)``.
+
+        Returns ``None`` if the switch was cancelled without an error.
+        """
+        with cls() as sw:
+            return fn(sw, *args, **kw)
+        return None
+
+    @classmethod
+    def _detached(cls, name: str | None = None) -> Switch:
+        """A switch with no body, finished later by :meth:`_close` (used by servers)."""
+        sw = cls(name)
+        sw._entered = True
+        return sw
+
+    def _close(self) -> None:
+        """Finish a detached switch: wait for fibers, cancel daemons, release; raise
+        what failed. Must not be called from one of its own fibers."""
+        thrown = self._finish()
+        self._outcome(None, thrown)
+
+    def _finish(self) -> BaseException | None:
+        thrown = self._wait_shielded(self._fibers_done)
+        self._closing = True
+        for g in list(self._daemons):
+            if self._state.get(g) == _RUNNING:
+                self._kill(g)
+        thrown = self._wait_shielded(self._daemons_done) or thrown
+        self._releasing = True
+        if self._hooks:
+            hooks = list(self._hooks.values())
+            self._hooks.clear()
+            runner = gevent.spawn(self._run_hooks, reversed(hooks))
+            thrown = self._wait_shielded(runner) or thrown
+        self._finished = True
+        return thrown
+
+    def _run_hooks(self, hooks: Any) -> None:
+        for hook in hooks:
+            try:
+                hook.fn(*hook.args)
+            except GreenletExit:
+                pass
+            except BaseException as exc:
+                self._failures.append(exc)
+
+    def _wait_shielded(self, waitable: Event | Greenlet) -> BaseException | None:
+        thrown: BaseException | None = None
+        while not (waitable.dead if isinstance(waitable, Greenlet) else waitable.is_set()):
+            try:
+                waitable.join() if isinstance(waitable, Greenlet) else waitable.wait()
+            except BaseException as exc:
+                if exc is self._body_cancel:
+                    continue  # our own cancellation arrived late: the body already ended
+                if thrown is None:
+                    thrown = exc
+                self.cancel()
+        return thrown
+
+    def _outcome(self, ev: BaseException | None, outer: BaseException | None) -> bool:
+        failures = self._failures
+        bare = [e for e in [*failures, outer] if isinstance(e, (KeyboardInterrupt, SystemExit))]
+        if bare:
+            return self._reraise(bare[0], ev)
+        if len(failures) == 1:
+            return self._reraise(failures[0], ev)
+        if failures:
+            raise BaseExceptionGroup(f"{self.name}: {len(failures)} failures", list(failures))
+        if outer is not None:
+            return self._reraise(outer, ev)
+        return ev is not None  # our own Cancelled from the body is swallowed here
+
+    @staticmethod
+    def _reraise(exc: BaseException, ev: BaseException | None) -> bool:
+        if exc is ev:
+            return False  # let Python re-raise it with its own traceback
+        raise exc

@@ -1,0 +1,153 @@
+"""greenserve.address: the address types and parse_address (API.md section 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from greenserve import Tcp, Udp, Unix, parse_address
+from greenserve.address import Fd, from_sockaddr
+
+
+@pytest.mark.parametrize(
+    ("addr", "text"),
+    [
+        (Tcp("127.0.0.1", 8080), "tcp:127.0.0.1:8080"),
+        (Tcp("::1", 8080), "tcp:[::1]:8080"),
+        (Unix("/run/x.sock"), "unix:/run/x.sock"),
+        (Udp("127.0.0.1", 53), "udp:127.0.0.1:53"),
+        (Udp("::1", 53), "udp:[::1]:53"),
+        (Fd(3), "fd://3"),
+    ],
+)
+def test_str_is_canonical_and_parses_back(addr: object, text: str) -> None:
+    assert str(addr) == text
+    assert parse_address(text) == addr
+
+
+def test_addresses_are_frozen_and_hashable() -> None:
+    a = Tcp("127.0.0.1", 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.port = 2  # type: ignore[misc]
+    assert {a, Tcp("127.0.0.1", 1)} == {a}
+    assert Tcp("h", 1) != Udp("h", 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (8080, Tcp("127.0.0.1", 8080)),
+        ("8080", Tcp("127.0.0.1", 8080)),
+        (":8080", Tcp("127.0.0.1", 8080)),
+        ("localhost:80", Tcp("localhost", 80)),
+        ("0.0.0.0:0", Tcp("0.0.0.0", 0)),
+        ("[::1]:9", Tcp("::1", 9)),
+        ("[fe80::1%eth0]:9", Tcp("fe80::1%eth0", 9)),
+        ("tcp://example.org:443", Tcp("example.org", 443)),
+        ("TCP://[::]:1", Tcp("::", 1)),
+        ("udp://127.0.0.1:53", Udp("127.0.0.1", 53)),
+        ("udp://:53", Udp("127.0.0.1", 53)),
+        ("unix:/tmp/a.sock", Unix("/tmp/a.sock")),
+        ("unix:///tmp/a.sock", Unix("/tmp/a.sock")),
+        ("unix:relative.sock", Unix("relative.sock")),
+        ("unix:\0abstract", Unix("\0abstract")),
+        ("fd://3", Fd(3)),
+        (("10.0.0.1", 5), Tcp("10.0.0.1", 5)),
+        (("", 5), Tcp("0.0.0.0", 5)),
+        (("::1", 5, 0, 0), Tcp("::1", 5)),
+        ("  127.0.0.1:7 ", Tcp("127.0.0.1", 7)),
+    ],
+)
+def test_parse_address_forms(value: object, expected: object) -> None:
+    assert parse_address(value) == expected
+
+
+def test_default_host_is_used_when_missing() -> None:
+    assert parse_address(":80", default_host="0.0.0.0") == Tcp("0.0.0.0", 80)
+    assert parse_address(80, default_host="::") == Tcp("::", 80)
+
+
+def test_address_objects_are_returned_as_is() -> None:
+    for a in (Tcp("h", 1), Udp("h", 1), Unix("/p"), Fd(0)):
+        assert parse_address(a) is a
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "   ", "host", "host:", "host:port", "host:70000", "-1", "70000", "[::1]", "[]:80",
+     "a:b:c", "unix:", "unix://", "fd://", "fd://x", "fd://-1", "/tmp/x.sock",
+     "tcp://", "tcp://host", "udp://h:99999", "http://h:80x"],
+)
+def test_garbage_is_a_value_error_naming_the_text(text: str) -> None:
+    with pytest.raises(ValueError, match="address|port|path|fd|host"):
+        parse_address(text)
+
+
+@pytest.mark.parametrize("value", [None, 1.5, b"127.0.0.1:80", True, [1, 2], ("h",)])
+def test_wrong_types(value: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="address"):
+        parse_address(value)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Tcp("", 1), "host"),
+        (lambda: Tcp("h", -1), "port"),
+        (lambda: Tcp("h", 65536), "port"),
+        (lambda: Tcp("h", "80"), "port"),  # type: ignore[arg-type]
+        (lambda: Tcp("h", True), "port"),
+        (lambda: Udp(1, 2), "host"),  # type: ignore[arg-type]
+        (lambda: Unix(""), "path"),
+        (lambda: Unix("/" + "x" * 200), "path"),
+        (lambda: Fd(-1), "fd"),
+    ],
+)
+def test_constructors_validate_naming_the_field(make: object, message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        make()  # type: ignore[operator]
+
+
+def test_family_and_sockaddr() -> None:
+    assert Tcp("127.0.0.1", 1).family == socket.AF_INET
+    assert Tcp("::1", 1).family == socket.AF_INET6
+    assert Tcp("::1", 1).sockaddr == ("::1", 1)
+    assert Unix("/x").family == socket.AF_UNIX
+    assert Unix("\0x").abstract and not Unix("/x").abstract
+
+
+def test_from_sockaddr() -> None:
+    assert from_sockaddr(socket.AF_INET, ("1.2.3.4", 5)) == Tcp("1.2.3.4", 5)
+    assert from_sockaddr(socket.AF_INET6, ("::1", 5, 0, 0)) == Tcp("::1", 5)
+    assert from_sockaddr(socket.AF_INET, ("1.2.3.4", 5), datagram=True) == Udp("1.2.3.4", 5)
+    assert from_sockaddr(socket.AF_UNIX, "/p") == Unix("/p")
+    assert str(from_sockaddr(socket.AF_UNIX, "")) == "unix:"
+
+
+hosts = st.one_of(
+    st.ip_addresses().map(str),
+    st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}", fullmatch=True),
+)
+ports = st.integers(0, 65535)
+
+
+@given(st.one_of(
+    st.builds(Tcp, hosts, ports),
+    st.builds(Udp, hosts, ports),
+    st.builds(Unix, st.from_regex(r"/[a-zA-Z0-9_./-]{1,60}", fullmatch=True)),
+    st.builds(Fd, st.integers(0, 10_000)),
+))
+def test_round_trip_through_text(addr: object) -> None:
+    assert parse_address(str(addr)) == addr
+
+
+@given(st.text(max_size=40))
+def test_parse_never_raises_anything_else(text: str) -> None:
+    try:
+        parse_address(text)
+    except (ValueError, TypeError):
+        pass
