@@ -15,6 +15,7 @@ Layers, bottom up:
 
 from __future__ import annotations
 
+from . import net as net
 from ._version import __version__ as __version__
 from .address import Tcp as Tcp
 from .address import Udp as Udp
@@ -41,5 +42,5 @@ __all__ = [
     "AddressLookupFailed", "Cancelled", "ConnectInterrupted", "ConnectTimeout",
     "ConnectionFailure", "ConnectionReset", "DatagramSocket", "Flow", "IncompleteRead",
     "LineTooLong", "ListeningSocket", "NetError", "NoMatchingAddresses", "Refused",
-    "Switch", "Tcp", "Udp", "Unix", "WriterBufferAgeExceeded", "parse_address",
+    "Switch", "Tcp", "Udp", "Unix", "WriterBufferAgeExceeded", "net", "parse_address",
 ]

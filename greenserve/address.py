@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union, overload
 
 __all__ = ["Address", "Fd", "StreamAddress", "Tcp", "Udp", "Unix", "from_sockaddr",
            "parse_address"]
@@ -105,7 +105,8 @@ class Unix:
         return self.path.startswith("\0")
 
     def __str__(self) -> str:
-        return f"unix:{self.path}"
+        # "unix://x" reads as an empty authority before "x": keep a leading "//" intact
+        return f"unix://{self.path}" if self.path.startswith("//") else f"unix:{self.path}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +223,11 @@ def parse_address(value: object, *, default_host: str = "127.0.0.1") -> Address:
     )
 
 
+@overload
+def from_sockaddr(family: int, sockaddr: Any, *, datagram: Literal[False] = False
+                  ) -> Tcp | Unix: ...
+@overload
+def from_sockaddr(family: int, sockaddr: Any, *, datagram: Literal[True]) -> Udp | Unix: ...
 def from_sockaddr(family: int, sockaddr: Any, *, datagram: bool = False) -> Tcp | Udp | Unix:
     """The address object for what ``accept``/``getpeername``/``recvfrom`` returned."""
     if family == socket.AF_UNIX:

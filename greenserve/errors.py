@@ -90,7 +90,7 @@ class LineTooLong(ValueError):
     """No line end (or delimiter) was found within ``max_length`` bytes."""
 
 
-class Cancelled(gevent.GreenletExit):
+class Cancelled(gevent.GreenletExit):  # type: ignore[misc]  # gevent is untyped
     """Raised in a fiber (or a switch's body) when its switch is cancelled.
 
     A ``BaseException``: ``except Exception`` does not catch it. Code that catches it
@@ -107,14 +107,11 @@ def add_note(exc: BaseException, note: str) -> None:
     if sys.version_info >= (3, 11):
         exc.add_note(note)
     else:  # pragma: no cover - exercised on 3.10 only
-        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
 def _converted(exc: OSError, cls: type[OSError]) -> OSError:
-    if exc.errno is not None:
-        new = cls(exc.errno, exc.strerror)
-    else:
-        new = cls(*exc.args)
+    new = cls(exc.errno, exc.strerror) if exc.errno is not None else cls(*exc.args)
     for note in getattr(exc, "__notes__", ()):
         add_note(new, note)
     return new

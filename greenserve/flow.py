@@ -34,12 +34,14 @@ DEFAULT_READ_SIZE = 65536
 class _Owned:
     """Close-once and switch-ownership bookkeeping shared by the socket wrappers."""
 
-    __slots__ = ("_sock", "_hook", "_closed")
+    __slots__ = ("_closed", "_hook", "_sock", "_unlink")
 
-    def __init__(self, sock: gsocket.socket) -> None:
+    def __init__(self, sock: gsocket.socket,
+                 unlink: tuple[str, int, int, int] | None = None) -> None:
         self._sock = sock
         self._hook: ReleaseHook | None = None
         self._closed = False
+        self._unlink = unlink  # (path, pid, st_dev, st_ino) of a unix path we bound
 
     def _own(self, sw: Switch | None) -> None:
         if sw is not None:
@@ -66,6 +68,9 @@ class _Owned:
             self._hook.remove()
             self._hook = None
         self._sock.close()
+        if self._unlink is not None:
+            _unlink_if_ours(*self._unlink)
+            self._unlink = None
 
     def __enter__(self) -> Any:
         return self
@@ -83,7 +88,7 @@ class Flow(_Owned):
     closes it.
     """
 
-    __slots__ = ("_peer", "_local", "__weakref__")
+    __slots__ = ("__weakref__", "_local", "_peer")
 
     def __init__(self, sock: gsocket.socket, *, peer: Tcp | Unix | None = None,
                  sw: Switch | None = None) -> None:
@@ -104,7 +109,7 @@ class Flow(_Owned):
                 self._peer = from_sockaddr(self._sock.family, self._sock.getpeername())
             except OSError as exc:
                 reraise(exc)
-        return self._peer  # type: ignore[return-value]
+        return self._peer
 
     @property
     def local(self) -> Tcp | Unix:
@@ -114,19 +119,19 @@ class Flow(_Owned):
                 self._local = from_sockaddr(self._sock.family, self._sock.getsockname())
             except OSError as exc:
                 reraise(exc)
-        return self._local  # type: ignore[return-value]
+        return self._local
 
     def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """Read up to ``max_bytes``; ``b""`` at end of file."""
         try:
-            return self._sock.recv(max_bytes)  # type: ignore[no-any-return]
+            return self._sock.recv(max_bytes)
         except OSError as exc:
             reraise(exc)
 
     def read_into(self, buffer: Any) -> int:
         """Read into ``buffer`` (a writable buffer); return the count, 0 at end of file."""
         try:
-            return self._sock.recv_into(buffer)  # type: ignore[no-any-return]
+            return self._sock.recv_into(buffer)
         except OSError as exc:
             reraise(exc)
 
@@ -157,13 +162,12 @@ class ListeningSocket(_Owned):
     removes the path if it is still our socket (same device and inode).
     """
 
-    __slots__ = ("_address", "_unlink", "__weakref__")
+    __slots__ = ("__weakref__", "_address")
 
     def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None,
                  unlink: tuple[str, int, int, int] | None = None) -> None:
-        super().__init__(sock)
+        super().__init__(sock, unlink)
         self._address = from_sockaddr(sock.family, sock.getsockname())
-        self._unlink = unlink  # (path, pid, st_dev, st_ino) of a path we bound
         self._own(sw)
 
     def __repr__(self) -> str:
@@ -183,22 +187,15 @@ class ListeningSocket(_Owned):
         peer = from_sockaddr(conn.family, raw)
         return Flow(conn, peer=peer, sw=sw), peer
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        super().close()
-        if self._unlink is not None:
-            _unlink_if_ours(*self._unlink)
-            self._unlink = None
-
 
 class DatagramSocket(_Owned):
     """A UDP or unix datagram socket."""
 
     __slots__ = ("__weakref__",)
 
-    def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None) -> None:
-        super().__init__(sock)
+    def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None,
+                 unlink: tuple[str, int, int, int] | None = None) -> None:
+        super().__init__(sock, unlink)
         self._own(sw)
 
     def __repr__(self) -> str:
@@ -230,8 +227,8 @@ class DatagramSocket(_Owned):
         except OSError as exc:
             reraise(exc)
         if self._sock.family == _stdsocket.AF_UNIX and not raw:
-            return from_sockaddr(_stdsocket.AF_UNIX, ""), n  # an unbound sender
-        return from_sockaddr(self._sock.family, raw, datagram=True), n  # type: ignore[return-value]
+            return from_sockaddr(_stdsocket.AF_UNIX, "", datagram=True), n  # unbound sender
+        return from_sockaddr(self._sock.family, raw, datagram=True), n
 
 
 # -- creating listening sockets ------------------------------------------------------------

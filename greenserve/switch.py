@@ -63,7 +63,7 @@ R = TypeVar("R", bound=_Closeable)
 class ReleaseHook:
     """Returned by :meth:`Switch.on_release`; :meth:`remove` cancels the hook."""
 
-    __slots__ = ("_hooks", "_key", "fn", "args")
+    __slots__ = ("_hooks", "_key", "args", "fn")
 
     def __init__(self, hooks: dict[int, ReleaseHook], key: int,
                  fn: Callable[..., object], args: tuple[Any, ...]) -> None:
@@ -195,15 +195,32 @@ class Switch:
         self._spawn(fn, args, kw, daemon=False, promise=None, status=status)
         return status._ready.get()
 
+    def _fork_owning(self, fn: Callable[..., Any], cleanup: Callable[[], object],
+                     *args: Any) -> Greenlet:
+        """Fork ``fn(*args)``; if the fiber never gets to call ``fn`` (the switch or
+        the fiber was cancelled before it started) call ``cleanup()`` instead, so that
+        whatever ``args`` hold (a connection socket) is not leaked."""
+        return self._spawn(fn, args, {}, daemon=False, promise=None, status=None,
+                           cleanup=cleanup)
+
+    def _cancel_fiber(self, g: Greenlet) -> None:
+        """Cancel one fiber of this switch (at most once; before it starts: never runs)."""
+        state = self._state.get(g)
+        if state == _RUNNING:
+            self._kill(g)
+        elif state == _PENDING:
+            self._state[g] = _KILLED
+
     def _spawn(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any], *,
                daemon: bool, promise: AsyncResult | None,
-               status: TaskStatus | None) -> Greenlet:
+               status: TaskStatus | None, cleanup: Callable[[], object] | None = None
+               ) -> Greenlet:
         if self._finished:
             raise RuntimeError(f"{self!r} is finished: cannot fork {fn!r}")
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         ctx = contextvars.copy_context()
-        g = Greenlet(self._run_fiber, fn, args, kw, ctx, daemon, promise, status)
+        g = Greenlet(self._run_fiber, fn, args, kw, ctx, daemon, promise, status, cleanup)
         self._state[g] = _PENDING
         if daemon:
             self._daemons.add(g)
@@ -218,11 +235,14 @@ class Switch:
 
     def _run_fiber(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any],
                    ctx: contextvars.Context, daemon: bool, promise: AsyncResult | None,
-                   status: TaskStatus | None) -> Any:
-        if self._cancelled or (daemon and self._closing):
+                   status: TaskStatus | None, cleanup: Callable[[], object] | None) -> Any:
+        me = getcurrent()
+        if self._cancelled or (daemon and self._closing) or self._state.get(me) == _KILLED:
             self._never_ran(promise, status)
+            if cleanup is not None:
+                cleanup()
             return None
-        self._state[getcurrent()] = _RUNNING
+        self._state[me] = _RUNNING
         try:
             result = ctx.run(fn, *args, **kw)
         except GreenletExit as exc:  # Cancelled, or a direct kill(): not a failure

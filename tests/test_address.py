@@ -83,7 +83,7 @@ def test_address_objects_are_returned_as_is() -> None:
      "tcp://", "tcp://host", "udp://h:99999", "http://h:80x"],
 )
 def test_garbage_is_a_value_error_naming_the_text(text: str) -> None:
-    with pytest.raises(ValueError, match="address|port|path|fd|host"):
+    with pytest.raises(ValueError, match=r"address|port|path|fd|host"):
         parse_address(text)
 
 

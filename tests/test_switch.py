@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextvars
+import sys
 
 import gevent
 import pytest
 from gevent.event import AsyncResult, Event
 
 from greenserve import Cancelled, Switch
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 class Boom(Exception):

@@ -1,0 +1,342 @@
+"""THE engine: accept connections on the hub and run each in a fiber of a Switch.
+
+Every server face (``net.run_server``, ``tcp.Server``, ``StreamServer``, the gunicorn
+workers, the CLI) is an :class:`Acceptor` plus a little translation. Nothing else in
+greenserve accepts, limits or closes connections.
+
+Design rules:
+
+- No acceptor greenlet: an io watcher per listening socket calls :meth:`_accept_batch`
+  in the hub, which takes up to ``max_accepts_per_batch`` connections per wake-up with
+  non-blocking ``accept`` on the raw socket.
+- The limit is exact: while ``max_connections`` handlers run, the watchers are stopped
+  and the kernel backlog holds new clients; a finishing handler starts them again.
+- A connection is counted from the moment it is accepted until its fiber has closed
+  its socket. Dropped connections (``drop_incoming``) are closed at once, never counted.
+- Running out of fds (EMFILE/ENFILE) or memory (ENOBUFS/ENOMEM) stops the watchers
+  for a back-off (10 ms doubling to 1 s); a finishing connection resumes at once.
+  These errors are logged at most once per ``LOG_INTERVAL``, with a count.
+- After :meth:`close` has started, no handler is called: a fiber that has not started
+  yet closes its socket instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket as _stdsocket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gevent
+from gevent import Greenlet, getcurrent
+from gevent import socket as gsocket
+from gevent.event import Event
+
+from .address import Tcp, Unix, from_sockaddr
+from .errors import Cancelled, add_note
+from .switch import Switch
+
+__all__ = ["Acceptor", "check_limits"]
+
+_GONE = object()
+
+log = logging.getLogger("greenserve")
+
+Handler = Callable[[gsocket.socket, Any], None]
+OnError = Callable[[Exception, Any], object]
+Spawn = Callable[..., Any]
+
+# accept() errors that concern only the connection being accepted (it died in the
+# backlog, or the network under it failed): try the next one.
+_RETRY = frozenset({errno.EINTR, errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN,
+                    errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
+                    errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM})
+# accept() errors that mean "out of resources for now": back off and retry.
+_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() errors that mean the listening socket itself is gone: stop serving.
+_FATAL = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
+
+# Back-off after a resource error: short enough that a freed fd is used quickly
+# (a finishing connection also resumes at once), doubling to a cap that keeps a
+# persistently exhausted process from spinning.
+MIN_BACKOFF = 0.01
+MAX_BACKOFF = 1.0
+# At most one log line per kind of accept error per this many seconds.
+LOG_INTERVAL = 5.0
+
+
+class _RateLimitedLog:
+    """Logs the first event of a kind, then a count at most once per interval."""
+
+    __slots__ = ("_last", "_suppressed")
+
+    def __init__(self) -> None:
+        self._last: dict[int | None, float] = {}
+        self._suppressed: dict[int | None, int] = {}
+
+    def __call__(self, level: int, code: int | None, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(code)
+        if last is not None and now - last < LOG_INTERVAL:
+            self._suppressed[code] = self._suppressed.get(code, 0) + 1
+            return
+        self._last[code] = now
+        more = self._suppressed.pop(code, 0)
+        if more:
+            msg += f" ({more} more since the last report)"
+        log.log(level, msg, *args)
+
+
+class Acceptor:
+    """Accept on ``listeners`` and run ``handler(sock, peer)`` for each connection.
+
+    ``handler`` runs in a fiber of ``sw`` (or whatever ``spawn(fn, *args)`` makes) and
+    gets a gevent socket and the peer's address object. When it returns or raises, the
+    socket is closed and the connection's slot freed. An ``Exception`` from the handler
+    gets a note ``handling connection from <peer>`` and goes to ``on_error(exc, peer)``
+    (default: logged); if ``on_error`` raises, the fiber fails ``sw``.
+
+    Resource handling: the acceptor closes every connection socket it accepted. It
+    closes the listening sockets on :meth:`close` only with ``close_listeners=True``.
+    """
+
+    def __init__(
+        self,
+        listeners: Sequence[gsocket.socket],
+        handler: Handler,
+        *,
+        sw: Switch,
+        max_connections: int | None = None,
+        max_accepts_per_batch: int = 1,
+        drop_incoming: bool = False,
+        on_error: OnError | None = None,
+        spawn: Spawn | None = None,
+        name: str = "server",
+    ) -> None:
+        check_limits(max_connections, max_accepts_per_batch)
+        self._listeners = list(listeners)
+        self._handler = handler
+        self._sw = sw
+        self._limit = max_connections if max_connections is not None else float("inf")
+        self.max_accepts_per_batch = max_accepts_per_batch
+        self.drop_incoming = drop_incoming
+        self._on_error = on_error if on_error is not None else self._log_handler_error
+        self._spawn = spawn
+        self.name = name
+        loop = gevent.get_hub().loop
+        self._watchers = [loop.io(ls.fileno(), 1) for ls in self._listeners]
+        self._timer = loop.timer(0)
+        self._backoff = 0.0
+        self._accepting = False  # wanted by the face (start/stop_accepting)
+        self._watching = False   # watchers really started
+        self._closed = False
+        self._conns: dict[gsocket.socket, Greenlet | None] = {}
+        self.active = 0
+        self.stats = {"accepted": 0, "active": 0, "dropped": 0, "handler_errors": 0,
+                      "accept_errors": 0, "peak_active": 0}
+        self.idle = Event()  # set while no connection is active
+        self.idle.set()
+        self._log = _RateLimitedLog()
+
+    # -- control -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def max_connections(self) -> int | None:
+        return None if self._limit == float("inf") else int(self._limit)
+
+    def start_accepting(self) -> None:
+        """Start (or resume) watching the listening sockets."""
+        if self._closed:
+            raise RuntimeError(f"{self.name} is closed")
+        self._accepting = True
+        self._update()
+
+    def stop_accepting(self) -> None:
+        """Stop accepting; connections in the backlog wait there."""
+        self._accepting = False
+        self._update()
+
+    def close(self, *, close_listeners: bool = True, close_connections: bool = False) -> None:
+        """Stop accepting for good. Idempotent in effect.
+
+        ``close_listeners``: close the listening sockets too. ``close_connections``: shut
+        down every connection socket (its client sees end of file) and cancel its
+        handler; the socket is closed as the handler unwinds.
+        """
+        if not self._closed:
+            self._closed = True
+            self._accepting = False
+            self._update()
+            self._timer.close()
+            for w in self._watchers:
+                w.close()
+        if close_listeners:
+            for ls in self._listeners:
+                ls.close()
+        if close_connections:
+            self.abort_connections()
+
+    def abort_connections(self) -> None:
+        """Shut down every open connection and cancel its handler."""
+        for sock, g in list(self._conns.items()):
+            _shutdown(sock)
+            if g is not None:
+                self._cancel(g)
+
+    def _cancel(self, g: Greenlet) -> None:
+        if self._spawn is None:
+            self._sw._cancel_fiber(g)
+        elif not g.dead:
+            g.kill(Cancelled(f"{self.name} closed its connections"), block=False)
+
+    def _update(self) -> None:
+        want = (self._accepting and not self._closed and self.active < self._limit
+                and not self._timer.active)
+        if want == self._watching:
+            return
+        self._watching = want
+        for w, ls in zip(self._watchers, self._listeners, strict=True):
+            if want:
+                w.start(self._accept_batch, ls)
+            else:
+                w.stop()
+
+    # -- the accept loop (runs in the hub) -----------------------------------------------
+
+    def _accept_batch(self, listener: gsocket.socket) -> None:
+        raw = listener._sock
+        if self._spawn is None and self._sw.cancelled:
+            self.close(close_listeners=False)  # the owner is going away: so are we
+            return
+        for _ in range(self.max_accepts_per_batch):
+            if not self._watching:
+                return
+            try:
+                fd, addr = raw._accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if not self._accept_failed(exc):
+                    return
+                continue
+            self._backoff = 0.0
+            self._take(listener, fd, addr)
+
+    def _accept_failed(self, exc: OSError) -> bool:
+        """Handle an accept error; True means: go on accepting in this batch."""
+        code = exc.errno
+        if code in _RETRY:
+            return True
+        self.stats["accept_errors"] += 1
+        if code in _FATAL:
+            log.error("%s: listening socket failed (%s); closing", self.name, exc)
+            self.close(close_listeners=False)
+            return False
+        self._log(logging.WARNING, code, "%s: accept failed: %s; backing off", self.name, exc)
+        self._back_off()
+        return False
+
+    def _back_off(self) -> None:
+        self._backoff = min(MAX_BACKOFF, max(MIN_BACKOFF, self._backoff * 2))
+        self._timer.close()
+        self._timer = gevent.get_hub().loop.timer(self._backoff)
+        self._timer.start(self._resume)
+        self._update()
+
+    def _resume(self) -> None:
+        self._timer.stop()
+        self._update()
+
+    def _take(self, listener: gsocket.socket, fd: int, addr: Any) -> None:
+        if self.drop_incoming:
+            os.close(fd)
+            self.stats["dropped"] += 1
+            return
+        family = listener.family
+        sock = gsocket.socket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
+        if family != _stdsocket.AF_UNIX:
+            sock._sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+        peer = from_sockaddr(family, addr)
+        self._count_in(sock)
+        if self._spawn is None:
+            g = self._sw._fork_owning(self._serve, lambda: self._release(sock), sock, peer)
+        else:
+            g = self._spawn(self._serve, sock, peer)
+        if sock in self._conns:
+            self._conns[sock] = g
+
+    def _count_in(self, sock: gsocket.socket) -> None:
+        self._conns[sock] = None
+        self.active += 1
+        stats = self.stats
+        stats["accepted"] += 1
+        stats["active"] = self.active
+        if self.active > stats["peak_active"]:
+            stats["peak_active"] = self.active
+        self.idle.clear()
+        if self.active >= self._limit:
+            self._update()
+
+    # -- one connection (runs in its own fiber) -----------------------------------------
+
+    def _serve(self, sock: gsocket.socket, peer: Tcp | Unix) -> None:
+        try:
+            if self._closed:
+                return  # close() started before this fiber did: never call the handler
+            if self._conns.get(sock) is None:
+                self._conns[sock] = getcurrent()
+            self._handler(sock, peer)
+        except Exception as exc:
+            self.stats["handler_errors"] += 1
+            add_note(exc, f"handling connection from {peer}")
+            self._on_error(exc, peer)
+        finally:
+            self._release(sock)
+
+    def _release(self, sock: gsocket.socket) -> None:
+        sock.close()
+        if self._conns.pop(sock, _GONE) is _GONE:
+            return  # released already
+        self.active -= 1
+        self.stats["active"] = self.active
+        if self._backoff and not self._closed:
+            self._timer.stop()  # an fd was freed: try accepting again at once
+        if not self.active:
+            self.idle.set()
+        self._update()
+
+    def _log_handler_error(self, exc: Exception, peer: Any) -> None:
+        log.error("%s: handler failed", self.name, exc_info=exc)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "accepting" if self._watching else "paused"
+        return f"<Acceptor {self.name} {state} active={self.active}>"
+
+
+def check_limits(max_connections: int | None, max_accepts_per_batch: int) -> None:
+    """Validate the engine's tunables (faces call it before creating any socket)."""
+    if max_connections is not None:
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+            raise TypeError(f"max_connections must be an int or None, not "
+                            f"{type(max_connections).__name__}")
+        if max_connections <= 0:
+            raise ValueError(f"max_connections must be > 0, not {max_connections}")
+    if isinstance(max_accepts_per_batch, bool) or not isinstance(max_accepts_per_batch, int):
+        raise TypeError(f"max_accepts_per_batch must be an int, not "
+                        f"{type(max_accepts_per_batch).__name__}")
+    if max_accepts_per_batch <= 0:
+        raise ValueError(f"max_accepts_per_batch must be > 0, not {max_accepts_per_batch}")
+
+
+def _shutdown(sock: gsocket.socket) -> None:
+    try:
+        sock.shutdown(_stdsocket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected: nothing to shut

@@ -1,0 +1,485 @@
+"""Eio's ``Net`` for gevent: listen, connect, accept, accept_fork, run_server,
+datagrams and name resolution.
+
+Every socket a function here returns is attached to the ``sw`` it was given and is
+closed when that switch finishes (closing it earlier is fine). ``run_server`` serves
+with the one acceptor engine (:mod:`greenserve._acceptor`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket as _stdsocket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import gevent
+import gevent.os
+from gevent import socket as gsocket
+from gevent.event import AsyncResult, Event
+
+from ._acceptor import Acceptor, check_limits
+from .address import Address, Tcp, Udp, Unix, parse_address
+from .errors import (
+    AddressLookupFailed,
+    ConnectionFailure,
+    NoMatchingAddresses,
+    add_note,
+    reraise,
+)
+from .flow import DatagramSocket, Flow, ListeningSocket, _remove_stale_socket, open_listener
+from .switch import Switch
+
+__all__ = [
+    "accept", "accept_fork", "connect", "datagram_socket", "getaddrinfo",
+    "getaddrinfo_datagram", "getaddrinfo_stream", "getnameinfo", "listen", "recv",
+    "run_server", "send", "with_tcp_connect",
+]
+
+log = logging.getLogger("greenserve")
+
+OnError = Callable[[Exception], object]
+
+
+def _check_switch(sw: object) -> Switch:
+    if not isinstance(sw, Switch):
+        raise TypeError(f"sw must be a greenserve.Switch, not {type(sw).__name__}")
+    return sw
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+
+
+def _check_timeout(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not "
+                        f"{type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, not {value}")
+    return float(value)
+
+
+# -- listening and accepting -----------------------------------------------------------------
+
+
+def listen(addr: object, *, sw: Switch, backlog: int = _stdsocket.SOMAXCONN,
+           reuse_addr: bool = False, reuse_port: bool = False) -> ListeningSocket:
+    """Bind a listening socket to ``addr`` (``Tcp``/``Unix``/``fd://N`` or anything
+    :func:`~greenserve.parse_address` takes), owned by ``sw``.
+
+    Unix paths: with ``reuse_addr=True`` a stale *socket* file at the path is removed
+    first (any other kind of file is an error, never removed); the path is unlinked
+    when the socket is closed, only if it is still the socket we bound.
+    Raises ``OSError`` (``EADDRINUSE``, ...) with a note naming the address.
+    """
+    _check_switch(sw)
+    _check_flag("reuse_addr", reuse_addr)
+    _check_flag("reuse_port", reuse_port)
+    return open_listener(parse_address(addr), backlog=backlog, reuse_addr=reuse_addr,
+                         reuse_port=reuse_port, sw=sw)
+
+
+def accept(lsock: ListeningSocket, *, sw: Switch) -> tuple[Flow, Tcp | Unix]:
+    """Wait for one connection on ``lsock``; the flow is owned by ``sw``."""
+    return lsock.accept(sw=_check_switch(sw))
+
+
+def accept_fork(lsock: ListeningSocket, *, sw: Switch, on_error: OnError,
+                handler: Callable[[Flow, Any], object]) -> None:
+    """Accept one connection in the caller, then run ``handler(flow, addr)`` in a new
+    fiber of ``sw``.
+
+    Resource handling: the flow is closed when the handler returns or raises.
+    Error handling: an ``Exception`` from the handler gets the note ``handling
+    connection from <addr>`` and is passed to ``on_error``; if ``on_error`` raises,
+    ``sw`` fails. ``Cancelled`` just ends the fiber.
+    """
+    _check_switch(sw)
+    flow, addr = lsock.accept(sw=sw)
+    sw._fork_owning(_serve_flow, flow.close, flow, addr, handler, on_error)
+
+
+def _serve_flow(flow: Flow, addr: Any, handler: Callable[[Flow, Any], object],
+                on_error: OnError) -> None:
+    with flow:
+        try:
+            handler(flow, addr)
+        except Exception as exc:
+            add_note(exc, f"handling connection from {addr}")
+            on_error(exc)
+
+
+def run_server(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], *,
+               on_error: OnError, max_connections: int | None = None,
+               additional_processes: int = 0, stop: Event | AsyncResult | None = None) -> Any:
+    """Accept connections on ``lsock`` and run ``handler(flow, addr)`` for each in its
+    own fiber, with at most ``max_connections`` at once (no accept while at the limit).
+
+    Runs until cancelled, or until ``stop`` (an ``Event`` or ``AsyncResult``) is set:
+    then accepting stops, running handlers finish, and the ``AsyncResult``'s value is
+    returned (``None`` for an ``Event``). ``additional_processes=N`` forks N more
+    processes serving the same socket; setting ``stop`` stops them all.
+    Error handling: as :func:`accept_fork`; out-of-fds and similar accept errors are
+    logged (rate limited) and retried after a back-off. Raises ``ValueError`` for
+    ``max_connections <= 0`` or ``additional_processes < 0``.
+    Resource handling: each flow is closed when its handler ends; ``lsock`` stays open
+    (it belongs to the switch that created it).
+    """
+    check_limits(max_connections, 1)
+    if isinstance(additional_processes, bool) or not isinstance(additional_processes, int):
+        raise TypeError("additional_processes must be an int")
+    if additional_processes < 0:
+        raise ValueError(f"additional_processes must be >= 0, not {additional_processes}")
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+    if not callable(on_error):
+        raise TypeError(f"on_error must be callable, not {type(on_error).__name__}")
+    if stop is not None and not isinstance(stop, (Event, AsyncResult)):
+        raise TypeError(f"stop must be a gevent Event or AsyncResult, not {type(stop).__name__}")
+    if additional_processes:
+        return _run_processes(lsock, handler, on_error, max_connections,
+                              additional_processes, stop)
+    return _serve(lsock, handler, on_error, max_connections, stop)
+
+
+def _serve(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], on_error: OnError,
+           max_connections: int | None, stop: Event | AsyncResult | None) -> Any:
+    def serve_one(sock: gsocket.socket, peer: Any) -> None:
+        with Flow(sock, peer=peer) as flow:
+            handler(flow, peer)
+
+    with Switch(name=f"run_server {lsock.address}") as sw:
+        acceptor = Acceptor([lsock.socket], serve_one, sw=sw, max_connections=max_connections,
+                            on_error=lambda exc, peer: on_error(exc),
+                            name=f"run_server {lsock.address}")
+        acceptor.start_accepting()
+        try:
+            return _wait_for_stop(stop)
+        finally:
+            acceptor.close(close_listeners=False)
+
+
+def _wait_for_stop(stop: Event | AsyncResult | None) -> Any:
+    if stop is None:
+        Event().wait()  # until cancelled
+    if isinstance(stop, AsyncResult):
+        return stop.get()
+    assert stop is not None
+    stop.wait()
+    return None
+
+
+def _run_processes(lsock: ListeningSocket, handler: Callable[[Flow, Any], object],
+                   on_error: OnError, max_connections: int | None, n: int,
+                   stop: Event | AsyncResult | None) -> Any:
+    children = [_fork_child(lsock, handler, on_error, max_connections) for _ in range(n)]
+    try:
+        with Switch(name="run_server children") as sw:
+            for pid in children:
+                sw.fork_daemon(_watch_child, pid)
+            return _serve(lsock, handler, on_error, max_connections, stop)
+    finally:
+        _stop_children(children)
+
+
+def _fork_child(lsock: ListeningSocket, handler: Callable[[Flow, Any], object],
+                on_error: OnError, max_connections: int | None) -> int:
+    pid = gevent.os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:  # the child: serve until SIGTERM, then finish handlers and exit
+        child_stop = Event()
+        gevent.signal_handler(signal.SIGTERM, child_stop.set)
+        _serve(lsock, handler, on_error, max_connections, child_stop)
+        code = 0
+    except BaseException:
+        log.exception("run_server: child process %d failed", os.getpid())
+    finally:
+        os._exit(code)
+
+
+def _watch_child(pid: int) -> None:
+    _, status = gevent.os.waitpid(pid, 0)
+    if status:
+        log.error("run_server: child process %d exited with status %#x", pid, status)
+
+
+def _stop_children(children: list[int]) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in children:
+        try:
+            gevent.os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # already reaped by its watcher
+
+
+# -- connecting ------------------------------------------------------------------------------
+
+
+def connect(addr: object, *, sw: Switch, timeout: float | None = None) -> Flow:
+    """Connect to ``addr`` (``Tcp``/``Unix`` or anything ``parse_address`` takes; a host
+    name is resolved and its addresses tried in order). The flow is owned by ``sw``.
+
+    Raises ``Refused``, ``ConnectTimeout`` (``timeout`` seconds per attempt), ... with a
+    note naming the address. Nothing leaks on failure.
+    """
+    _check_switch(sw)
+    timeout = _check_timeout("timeout", timeout)
+    target = parse_address(addr)
+    if isinstance(target, Tcp) and not _is_ip(target.host):
+        flow = _connect_sequential(target.host, str(target.port), timeout)
+    elif isinstance(target, (Tcp, Unix)):
+        flow = connect_flow(target, timeout)
+    else:
+        raise ValueError(f"cannot connect to {target}: a tcp or unix address is needed")
+    flow._own(sw)
+    return flow
+
+
+def _is_ip(host: str) -> bool:
+    for family in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
+        try:
+            _stdsocket.inet_pton(family, host.split("%", 1)[0])
+            return True
+        except OSError:
+            pass
+    return False
+
+
+def connect_flow(addr: Tcp | Unix, timeout: float | None) -> Flow:
+    """Connect one socket to ``addr`` (an IP literal or a path); not owned by a switch."""
+    sock = gsocket.socket(addr.family, _stdsocket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(addr.sockaddr)
+        sock.settimeout(None)
+        if isinstance(addr, Tcp):
+            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+    except OSError as exc:
+        sock.close()
+        reraise(exc, f"connecting to {addr}", connecting=True)
+    except BaseException:
+        sock.close()
+        raise
+    return Flow(sock, peer=addr)
+
+
+@contextmanager
+def with_tcp_connect(host: str, service: str | int, *, timeout: float | None = None,
+                     happy_eyeballs_delay: float | None = None) -> Iterator[Flow]:
+    """Connect to ``host``/``service`` and yield the flow; it is closed on exit.
+
+    Tries the ``getaddrinfo`` stream addresses in order, ``timeout`` seconds per
+    attempt, moving on after a failure; the last failure is raised with the earlier
+    ones in its notes (``NoMatchingAddresses`` when nothing resolves to TCP).
+    ``happy_eyeballs_delay`` (seconds) starts the attempts staggered and in parallel,
+    families interleaved, as RFC 8305 describes; the first to connect wins.
+    """
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"host must be a non-empty str, not {host!r}")
+    if not isinstance(service, (str, int)) or isinstance(service, bool):
+        raise TypeError(f"service must be a str or int, not {type(service).__name__}")
+    timeout = _check_timeout("timeout", timeout)
+    delay = _check_timeout("happy_eyeballs_delay", happy_eyeballs_delay)
+    if delay is None:
+        flow = _connect_sequential(host, str(service), timeout)
+    else:
+        flow = _connect_happy_eyeballs(host, str(service), timeout, delay)
+    with flow:
+        yield flow
+
+
+def _tcp_targets(host: str, service: str) -> list[Tcp]:
+    targets = [a for a in getaddrinfo_stream(host, service) if isinstance(a, Tcp)]
+    if not targets:
+        raise NoMatchingAddresses(f"{host}:{service} resolved to no TCP address")
+    return targets
+
+
+def _raise_last(failures: list[OSError], host: str, service: str) -> None:
+    last = failures[-1]
+    for earlier in failures[:-1]:
+        add_note(last, f"earlier attempt: {type(earlier).__name__}: {earlier} "
+                       f"({'; '.join(getattr(earlier, '__notes__', []))})")
+    raise last
+
+
+def _connect_sequential(host: str, service: str, timeout: float | None) -> Flow:
+    failures: list[OSError] = []
+    for target in _tcp_targets(host, service):
+        try:
+            return connect_flow(target, timeout)
+        except ConnectionFailure as exc:
+            failures.append(exc)
+    _raise_last(failures, host, service)
+    raise AssertionError("unreachable")
+
+
+def interleave_families(targets: list[Tcp]) -> list[Tcp]:
+    """RFC 8305 section 4: alternate address families, starting with the first one."""
+    first = targets[0].family
+    same = [t for t in targets if t.family == first]
+    other = [t for t in targets if t.family != first]
+    out: list[Tcp] = []
+    for i in range(max(len(same), len(other))):
+        out.extend(group[i] for group in (same, other) if i < len(group))
+    return out
+
+
+def _connect_happy_eyeballs(host: str, service: str, timeout: float | None,
+                            delay: float) -> Flow:
+    targets = interleave_families(_tcp_targets(host, service))
+    winner: AsyncResult = AsyncResult()
+    failures: list[OSError] = []
+
+    def attempt(target: Tcp, failed: Event) -> None:
+        try:
+            flow = connect_flow(target, timeout)
+        except ConnectionFailure as exc:
+            failures.append(exc)
+            failed.set()
+            return
+        if winner.ready():
+            flow.close()  # lost the race
+            return
+        winner.set(flow)
+        sw.cancel()
+
+    with Switch(name=f"happy eyeballs {host}") as sw:
+        for target in targets:
+            failed = Event()
+            sw.fork(attempt, target, failed)
+            # RFC 8305 section 5: the next attempt starts when this one fails or the
+            # delay passes, whichever is first.
+            gevent.wait([failed, winner], count=1, timeout=delay)
+            if winner.ready():
+                break
+    if winner.ready():
+        return winner.get()
+    _raise_last(failures, host, service)
+    raise AssertionError("unreachable")
+
+
+# -- datagrams -------------------------------------------------------------------------------
+
+
+def datagram_socket(addr: object, *, sw: Switch, reuse_addr: bool = False,
+                    reuse_port: bool = False) -> DatagramSocket:
+    """A datagram socket owned by ``sw``: bound to ``Udp(...)``/``Unix(...)`` (or their
+    text forms), or an unbound client socket for ``"udp4"``/``"udp6"``."""
+    _check_switch(sw)
+    _check_flag("reuse_addr", reuse_addr)
+    _check_flag("reuse_port", reuse_port)
+    if addr in ("udp4", "udp6"):
+        family = _stdsocket.AF_INET if addr == "udp4" else _stdsocket.AF_INET6
+        return DatagramSocket(gsocket.socket(family, _stdsocket.SOCK_DGRAM), sw=sw)
+    target = parse_address(addr)
+    if not isinstance(target, (Udp, Unix)):
+        raise ValueError(f"datagram_socket needs a udp: or unix: address, not {target}")
+    sock = gsocket.socket(target.family, _stdsocket.SOCK_DGRAM)
+    try:
+        unlink = _bind_datagram(sock, target, reuse_addr, reuse_port)
+    except OSError as exc:
+        sock.close()
+        reraise(exc, f"binding {target}")
+    except BaseException:
+        sock.close()
+        raise
+    return DatagramSocket(sock, sw=sw, unlink=unlink)
+
+
+def _bind_datagram(sock: gsocket.socket, target: Udp | Unix, reuse_addr: bool,
+                   reuse_port: bool) -> tuple[str, int, int, int] | None:
+    if isinstance(target, Unix):
+        if reuse_addr and not target.abstract:
+            _remove_stale_socket(target.path)
+        sock.bind(target.path)
+        if target.abstract:
+            return None
+        st = os.lstat(target.path)
+        return (target.path, os.getpid(), st.st_dev, st.st_ino)
+    if reuse_addr:
+        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEPORT, 1)
+    sock.bind(target.sockaddr)
+    return None
+
+
+def send(sock: DatagramSocket, addr: Udp | Unix, data: bytes | bytearray | memoryview) -> None:
+    """``sock.send(addr, data)``."""
+    sock.send(addr, data)
+
+
+def recv(sock: DatagramSocket, buffer: Any) -> tuple[Udp | Unix, int]:
+    """``sock.recv(buffer)``."""
+    return sock.recv(buffer)
+
+
+# -- names -----------------------------------------------------------------------------------
+
+
+def getaddrinfo(host: str, service: str | int | None = None) -> list[Tcp | Udp | Unix]:
+    """Resolve ``host`` (and ``service``) to addresses, in the resolver's order.
+
+    Raises ``AddressLookupFailed`` when resolution fails or finds nothing.
+    """
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"host must be a non-empty str, not {host!r}")
+    port = 0 if service is None else service
+    try:
+        infos = gsocket.getaddrinfo(host, port)
+    except OSError as exc:
+        reraise(exc, f"looking up {host}:{port}")
+    result: list[Tcp | Udp | Unix] = []
+    for family, kind, _proto, _canon, sockaddr in infos:
+        addr = _from_info(family, kind, sockaddr)
+        if addr is not None and addr not in result:
+            result.append(addr)
+    if not result:
+        raise AddressLookupFailed(_stdsocket.EAI_NONAME, f"{host}:{port} resolved to nothing")
+    return result
+
+
+def _from_info(family: int, kind: int, sockaddr: Any) -> Tcp | Udp | None:
+    if family not in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
+        return None
+    if kind == _stdsocket.SOCK_STREAM:
+        return Tcp(sockaddr[0], sockaddr[1])
+    if kind == _stdsocket.SOCK_DGRAM:
+        return Udp(sockaddr[0], sockaddr[1])
+    return None
+
+
+def getaddrinfo_stream(host: str, service: str | int | None = None) -> list[Tcp | Unix]:
+    """:func:`getaddrinfo`, keeping stream addresses."""
+    return [a for a in getaddrinfo(host, service) if isinstance(a, (Tcp, Unix))]
+
+
+def getaddrinfo_datagram(host: str, service: str | int | None = None) -> list[Udp | Unix]:
+    """:func:`getaddrinfo`, keeping datagram addresses."""
+    return [a for a in getaddrinfo(host, service) if isinstance(a, (Udp, Unix))]
+
+
+def getnameinfo(addr: Address) -> tuple[str, str]:
+    """Reverse lookup: ``(host, service)`` for a ``Tcp``/``Udp`` address."""
+    if not isinstance(addr, (Tcp, Udp)):
+        raise TypeError(f"addr must be Tcp or Udp, not {type(addr).__name__}")
+    flags = _stdsocket.NI_DGRAM if isinstance(addr, Udp) else 0
+    try:
+        host, service = gsocket.getnameinfo(addr.sockaddr, flags)
+    except OSError as exc:
+        reraise(exc, f"looking up the name of {addr}")
+    return host, service

@@ -1,0 +1,44 @@
+"""Small shared helpers for the tests: real loopback sockets only."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from gevent import socket as gsocket
+
+from greenserve import Switch, Tcp, net
+from greenserve.flow import Flow
+
+
+@contextmanager
+def connected_pair() -> Iterator[tuple[Flow, Flow]]:
+    """A (client, server) pair of Flows over 127.0.0.1, closed afterwards."""
+    with Switch() as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
+        client = net.connect(lsock.address, sw=sw)
+        server, _ = lsock.accept(sw=sw)
+        lsock.close()
+        yield client, server
+
+
+def client(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> gsocket.socket:
+    """A connected gevent client socket."""
+    return gsocket.create_connection((host, port), timeout=timeout)
+
+
+def reset(sock: socket.socket | gsocket.socket) -> None:
+    """Close ``sock`` with an RST instead of a FIN (SO_LINGER 0)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def recv_all(sock: gsocket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
