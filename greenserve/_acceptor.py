@@ -18,6 +18,11 @@ Design rules:
   These errors are logged at most once per ``LOG_INTERVAL``, with a count.
 - After :meth:`close` has started, no handler is called: a fiber that has not started
   yet closes its socket instead.
+- Per-connection preparation (a PROXY protocol header, then a TLS handshake, both
+  bounded by ``handshake_timeout``) runs in the connection's fiber, never in the hub;
+  a connection that fails it is closed (logged, rate limited) without calling the
+  handler. ``idle_timeout`` is the socket timeout: a read or write that waits longer
+  ends the connection quietly.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import errno
 import logging
 import os
 import socket as _stdsocket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,11 +41,13 @@ from gevent import Greenlet, getcurrent
 from gevent import socket as gsocket
 from gevent.event import Event
 
+from . import _tls
+from ._proxy import ProxyProtocolError, read_proxy_header
 from .address import Tcp, Unix, from_sockaddr
 from .errors import Cancelled, add_note
 from .switch import Switch
 
-__all__ = ["Acceptor", "check_limits"]
+__all__ = ["Acceptor", "check_connection_options", "check_limits"]
 
 _GONE = object()
 
@@ -115,8 +123,19 @@ class Acceptor:
         on_error: OnError | None = None,
         spawn: Spawn | None = None,
         name: str = "server",
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
+        proxy_protocol: bool = False,
+        idle_timeout: float | None = None,
     ) -> None:
         check_limits(max_connections, max_accepts_per_batch)
+        check_connection_options(ssl_context, handshake_timeout, proxy_protocol, idle_timeout)
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        self.proxy_protocol = proxy_protocol
+        self.idle_timeout = idle_timeout
+        self._prepared = bool(ssl_context or proxy_protocol or idle_timeout)
+        self._wrapped: dict[gsocket.socket, Any] = {}  # accepted socket -> its TLS socket
         self._listeners = list(listeners)
         self._handler = handler
         self._sw = sw
@@ -136,7 +155,8 @@ class Acceptor:
         self._conns: dict[gsocket.socket, Greenlet | None] = {}
         self.active = 0
         self.stats = {"accepted": 0, "active": 0, "dropped": 0, "handler_errors": 0,
-                      "accept_errors": 0, "peak_active": 0}
+                      "accept_errors": 0, "peak_active": 0, "handshake_errors": 0,
+                      "idle_timeouts": 0}
         self.idle = Event()  # set while no connection is active
         self.idle.set()
         self._log = _RateLimitedLog()
@@ -186,7 +206,7 @@ class Acceptor:
     def abort_connections(self) -> None:
         """Shut down every open connection and cancel its handler."""
         for sock, g in list(self._conns.items()):
-            _shutdown(sock)
+            _shutdown(self._wrapped.get(sock, sock))
             if g is not None:
                 self._cancel(g)
 
@@ -287,18 +307,51 @@ class Acceptor:
     # -- one connection (runs in its own fiber) -----------------------------------------
 
     def _serve(self, sock: gsocket.socket, peer: Tcp | Unix) -> None:
+        conn: Any = sock
         try:
             if self._closed:
                 return  # close() started before this fiber did: never call the handler
             if self._conns.get(sock) is None:
                 self._conns[sock] = getcurrent()
-            self._handler(sock, peer)
+            if self._prepared:
+                conn, peer = self._prepare(sock, peer)
+                if conn is None:
+                    return
+            self._handler(conn, peer)
         except Exception as exc:
+            if self.idle_timeout is not None and isinstance(exc, TimeoutError):
+                self.stats["idle_timeouts"] += 1
+                log.debug("%s: connection from %s idle for %s s: closed",
+                          self.name, peer, self.idle_timeout)
+                return
             self.stats["handler_errors"] += 1
             add_note(exc, f"handling connection from {peer}")
             self._on_error(exc, peer)
         finally:
+            if conn is not sock and conn is not None:
+                conn.close()
+                self._wrapped.pop(sock, None)
             self._release(sock)
+
+    def _prepare(self, sock: gsocket.socket, peer: Any) -> tuple[Any, Any]:
+        """PROXY header, TLS handshake, idle timeout: ``(None, peer)`` if rejected."""
+        conn: Any = sock
+        try:
+            if self.proxy_protocol:
+                info = read_proxy_header(sock, timeout=self.handshake_timeout)
+                peer = info.source if info.source is not None else peer
+            if self.ssl_context is not None:
+                conn = _tls.server_side(sock, self.ssl_context, self.handshake_timeout)
+                self._wrapped[sock] = conn
+        except (OSError, ProxyProtocolError, ssl.SSLError) as exc:
+            self.stats["handshake_errors"] += 1
+            kind = "PROXY header" if isinstance(exc, ProxyProtocolError) else "TLS handshake"
+            self._log(logging.INFO, -1, "%s: %s from %s failed: %s; connection closed",
+                      self.name, kind, peer, exc)
+            return None, peer
+        if self.idle_timeout is not None:
+            conn.settimeout(self.idle_timeout)
+        return conn, peer
 
     def _release(self, sock: gsocket.socket) -> None:
         sock.close()
@@ -335,8 +388,29 @@ def check_limits(max_connections: int | None, max_accepts_per_batch: int) -> Non
         raise ValueError(f"max_accepts_per_batch must be > 0, not {max_accepts_per_batch}")
 
 
+def check_connection_options(ssl_context: object, handshake_timeout: object,
+                             proxy_protocol: object, idle_timeout: object) -> None:
+    """Validate the per-connection options (faces call it before creating any socket)."""
+    _tls.check_context(ssl_context)
+    if isinstance(handshake_timeout, bool) or not isinstance(handshake_timeout, (int, float)):
+        raise TypeError(f"handshake_timeout must be a number of seconds, not "
+                        f"{type(handshake_timeout).__name__}")
+    if handshake_timeout <= 0:
+        raise ValueError(f"handshake_timeout must be > 0, not {handshake_timeout}")
+    if not isinstance(proxy_protocol, bool):
+        raise TypeError(f"proxy_protocol must be a bool, not {type(proxy_protocol).__name__}")
+    if idle_timeout is not None:
+        if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
+            raise TypeError(f"idle_timeout must be a number of seconds or None, not "
+                            f"{type(idle_timeout).__name__}")
+        if idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be > 0, not {idle_timeout}")
+
+
 def _shutdown(sock: gsocket.socket) -> None:
+    # The kernel's shutdown, not gevent's: gevent's also throws EBADF into a greenlet
+    # blocked on the socket, where a handler should see end of file (or Cancelled).
     try:
-        sock.shutdown(_stdsocket.SHUT_RDWR)
+        _stdsocket.socket.shutdown(sock._sock, _stdsocket.SHUT_RDWR)
     except OSError:
         pass  # already closed or never connected: nothing to shut

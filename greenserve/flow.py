@@ -149,7 +149,9 @@ class Flow(_Owned):
         except (KeyError, TypeError):
             raise ValueError(f"how must be 'send', 'receive' or 'both', not {how!r}") from None
         try:
-            self._sock.shutdown(flag)
+            # The kernel's shutdown, not gevent's (which throws EBADF into any greenlet
+            # blocked on the socket): a reader blocked in another greenlet sees end of file.
+            _stdsocket.socket.shutdown(self._sock._sock, flag)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:  # the peer already went away: nothing to shut
                 reraise(exc)

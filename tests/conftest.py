@@ -56,3 +56,11 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
                if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not leaked_fds, f"test leaked file descriptors: {details}"
     assert not leaked, f"test left greenlets running: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A test CA and a server certificate for localhost / 127.0.0.1."""
+    from .tls import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))

@@ -42,3 +42,12 @@ def recv_all(sock: gsocket.socket) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+
+
+def closed_by_server(sock: gsocket.socket) -> bool:
+    """True once the server closed: end of file, or a reset (it closed with unread data)."""
+    try:
+        recv_all(sock)
+    except ConnectionResetError:
+        pass
+    return True

@@ -1,0 +1,332 @@
+"""The acceptor engine itself: batches, the exact limit, drop-incoming, close, back-off,
+and per-connection preparation (TLS, PROXY protocol, idle timeout), with exact stats."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import gevent
+import pytest
+from gevent import socket as gsocket
+from gevent.event import Event
+
+from greenserve import Cancelled, Switch, Tcp
+from greenserve._acceptor import Acceptor
+from greenserve.flow import open_listener
+
+from .helpers import client, closed_by_server, recv_all
+
+
+def echo(sock: gsocket.socket, peer: Any) -> None:
+    while data := sock.recv(65536):
+        sock.sendall(data)
+
+
+@contextmanager
+def serving(handler: Callable[[Any, Any], None] = echo, *, start: bool = True,
+            **kw: Any) -> Iterator[tuple[Acceptor, int]]:
+    with Switch() as sw:
+        lsock = open_listener(Tcp("127.0.0.1", 0), backlog=128, sw=sw)
+        acc = Acceptor([lsock.socket], handler, sw=sw, **kw)
+        if start:
+            acc.start_accepting()
+        try:
+            yield acc, lsock.address.port
+        finally:
+            acc.close(close_listeners=False, close_connections=True)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (cooperatively, bounded) for a condition the server makes true."""
+    with gevent.Timeout(timeout):
+        while not cond():
+            gevent.sleep(0.001)
+
+
+def test_echo_and_stats() -> None:
+    with serving() as (acc, port):
+        for i in range(3):
+            c = client(port)
+            c.sendall(b"x%d" % i)
+            assert c.recv(10) == b"x%d" % i
+            c.close()
+        acc.idle.wait()
+        assert acc.stats["accepted"] == 3 and acc.stats["active"] == 0
+        assert acc.stats["peak_active"] >= 1
+
+
+def test_batch_takes_at_most_max_accepts_per_batch() -> None:
+    with serving(start=False, max_accepts_per_batch=3) as (acc, port):
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        acc._watching = True  # as the watcher would be when its callback runs
+        acc._accept_batch(acc._listeners[0])
+        assert acc.stats["accepted"] == 3
+        acc._accept_batch(acc._listeners[0])
+        assert acc.stats["accepted"] == 5
+        acc._accept_batch(acc._listeners[0])  # EAGAIN: nothing more
+        assert acc.stats["accepted"] == 5
+        acc._watching = False
+        for c in clients:
+            c.close()
+
+
+def test_limit_is_exact_and_resumes_when_a_handler_finishes() -> None:
+    gates: list[Event] = []
+    running = 0
+    peak = 0
+
+    def handler(sock: Any, peer: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        gate = Event()
+        gates.append(gate)
+        gate.wait()
+        sock.sendall(b"done")
+        running -= 1
+
+    with serving(handler, max_connections=2, max_accepts_per_batch=16) as (acc, port):
+        clients = [client(port) for _ in range(6)]
+        wait_until(lambda: len(gates) == 2)
+        gevent.sleep(0.01)  # give a wrong implementation the chance to take a third
+        assert acc.active == 2 and not acc._watching
+        gates[0].set()
+        wait_until(lambda: len(gates) == 3)
+        while len([g for g in gates if g.is_set()]) < 6:
+            for g in gates:
+                g.set()
+            gevent.sleep(0.001)
+        for c in clients:
+            assert recv_all(c) == b"done"
+            c.close()
+        assert peak == 2
+
+
+def test_drop_incoming_closes_at_once_and_never_counts() -> None:
+    called: list[Any] = []
+    with serving(lambda s, p: called.append(p), drop_incoming=True) as (acc, port):
+        for _ in range(4):
+            c = client(port)
+            assert c.recv(10) == b""
+            c.close()
+        assert acc.stats["dropped"] == 4
+        assert acc.stats["accepted"] == 0 and acc.stats["peak_active"] == 0
+        acc.drop_incoming = False
+        c = client(port)
+        c.close()
+        wait_until(lambda: len(called) == 1)
+    assert called and acc.stats["accepted"] == 1
+
+
+def test_handler_never_called_after_close() -> None:
+    called: list[Any] = []
+    with serving(lambda s, p: called.append(p), start=False,
+                 max_accepts_per_batch=8) as (acc, port):
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        acc._watching = True
+        acc._accept_batch(acc._listeners[0])  # three fibers forked, none started
+        acc._watching = False
+        assert acc.active == 3
+        acc.close(close_listeners=False)
+        acc.idle.wait()
+        for c in clients:
+            assert c.recv(10) == b""
+            c.close()
+    assert called == []
+
+
+def test_close_connections_cancels_handlers_and_clients_see_eof() -> None:
+    cancelled: list[Any] = []
+    started = Event()
+
+    def handler(sock: Any, peer: Any) -> None:
+        started.set()
+        try:
+            Event().wait()
+        except Cancelled:
+            cancelled.append(peer)
+            raise
+
+    with serving(handler) as (acc, port):
+        c = client(port)
+        started.wait()
+        acc.close(close_listeners=False, close_connections=True)
+        assert c.recv(10) == b""
+        acc.idle.wait()
+        c.close()
+    assert len(cancelled) == 1
+
+
+def test_handler_error_gets_note_and_goes_to_on_error() -> None:
+    errors: list[tuple[Exception, Any]] = []
+
+    def handler(sock: Any, peer: Any) -> None:
+        raise KeyError("nope")
+
+    with serving(handler, on_error=lambda e, p: errors.append((e, p))) as (acc, port):
+        c = client(port)
+        local = c.getsockname()
+        assert c.recv(10) == b""
+        c.close()
+        wait_until(lambda: bool(errors))
+    exc, peer = errors[0]
+    assert peer == Tcp(*local)
+    assert exc.__notes__ == [f"handling connection from tcp:{local[0]}:{local[1]}"]
+    assert acc.stats["handler_errors"] == 1
+
+
+def test_default_on_error_logs(caplog: pytest.LogCaptureFixture) -> None:
+    def handler(sock: Any, peer: Any) -> None:
+        raise KeyError("logged")
+
+    with caplog.at_level(logging.ERROR, logger="greenserve"), serving(handler) as (acc, port):
+        c = client(port)
+        assert c.recv(10) == b""
+        c.close()
+        wait_until(lambda: acc.stats["handler_errors"] == 1)
+    assert "handler failed" in caplog.text and "logged" in caplog.text
+
+
+def test_accept_error_classes() -> None:
+    with serving(start=False) as (acc, _port):
+        assert acc._accept_failed(OSError(errno.ECONNABORTED, "x")) is True
+        assert acc.stats["accept_errors"] == 0
+        acc.start_accepting()
+        assert acc._accept_failed(OSError(errno.EMFILE, "Too many open files")) is False
+        assert acc._timer.active and not acc._watching  # backing off
+        assert acc._backoff == 0.01
+        acc._back_off()
+        assert acc._backoff == 0.02  # doubles
+        acc._resume()
+        assert acc._watching
+        assert acc._accept_failed(OSError(errno.EBADF, "x")) is False
+        assert acc.closed
+        assert acc.stats["accept_errors"] == 2
+
+
+def test_backoff_is_capped() -> None:
+    with serving() as (acc, _port):
+        for _ in range(20):
+            acc._back_off()
+        assert acc._backoff == 1.0
+        acc._resume()
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    with Switch() as sw:
+        for kw, match in [({"max_connections": 0}, "max_connections"),
+                          ({"max_accepts_per_batch": 0}, "max_accepts_per_batch"),
+                          ({"idle_timeout": -1}, "idle_timeout"),
+                          ({"handshake_timeout": 0}, "handshake_timeout"),
+                          ({"ssl_context": "yes"}, "ssl_context"),
+                          ({"proxy_protocol": 1}, "proxy_protocol")]:
+            with pytest.raises((TypeError, ValueError), match=match):
+                Acceptor([], echo, sw=sw, **kw)
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+def tls_client(port: int, ctx: ssl.SSLContext) -> Any:
+    raw = gsocket.create_connection(("127.0.0.1", port), timeout=10)
+    from gevent import ssl as gssl
+
+    return gssl.SSLSocket(sock=raw, server_hostname="localhost", _context=ctx)
+
+
+def test_tls_round_trip(certs: Any) -> None:
+    with serving(ssl_context=certs.server_context()) as (acc, port):
+        c = tls_client(port, certs.client_context())
+        c.sendall(b"secret")
+        assert c.recv(100) == b"secret"
+        c.close()
+        acc.idle.wait()
+    assert acc.stats["handshake_errors"] == 0
+
+
+def test_tls_plaintext_client_is_closed_without_handler(certs: Any) -> None:
+    called: list[Any] = []
+    with serving(lambda s, p: called.append(p), ssl_context=certs.server_context()) as (acc,
+                                                                                       port):
+        with client(port) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert closed_by_server(c)  # after a TLS alert at most
+        wait_until(lambda: acc.stats["handshake_errors"] == 1)
+    assert called == []
+
+
+def test_tls_wrong_certificate(certs: Any, tmp_path: Any) -> None:
+    from .tls import make_certs
+
+    other = make_certs(tmp_path, cn="localhost")  # a different CA
+    with serving(ssl_context=certs.server_context()) as (acc, port):
+        with pytest.raises(ssl.SSLCertVerificationError):
+            tls_client(port, other.client_context())
+        wait_until(lambda: acc.stats["handshake_errors"] == 1)
+
+
+def test_tls_handshake_timeout(certs: Any) -> None:
+    with serving(ssl_context=certs.server_context(), handshake_timeout=0.2) as (acc, port):
+        c = client(port)  # never starts a handshake
+        assert c.recv(10) == b""  # closed by the server after the timeout
+        c.close()
+        wait_until(lambda: acc.stats["handshake_errors"] == 1)
+        assert acc.active == 0
+
+
+# -- PROXY protocol ------------------------------------------------------------------------
+
+
+def test_proxy_v1_gives_the_original_client_address() -> None:
+    peers: list[Any] = []
+
+    def handler(sock: Any, peer: Any) -> None:
+        peers.append(peer)
+        sock.sendall(sock.recv(100))
+
+    with serving(handler, proxy_protocol=True) as (_acc, port):
+        c = client(port)
+        c.sendall(b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 443\r\nhello")
+        assert c.recv(100) == b"hello"
+        c.close()
+    assert peers == [Tcp("192.0.2.7", 40000)]
+
+
+def test_proxy_bad_header_closes_without_handler() -> None:
+    called: list[Any] = []
+    with serving(lambda s, p: called.append(p), proxy_protocol=True) as (acc, port):
+        with client(port) as c:
+            c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert closed_by_server(c)
+        wait_until(lambda: acc.stats["handshake_errors"] == 1)
+    assert called == []
+
+
+def test_proxy_header_timeout() -> None:
+    with serving(proxy_protocol=True, handshake_timeout=0.2) as (acc, port):
+        with client(port) as c:
+            c.sendall(b"PROXY TCP4 ")  # and nothing more
+            assert closed_by_server(c)
+        wait_until(lambda: acc.stats["handshake_errors"] == 1)
+
+
+# -- idle timeout --------------------------------------------------------------------------
+
+
+def test_idle_connection_is_closed_and_slot_freed() -> None:
+    with serving(idle_timeout=0.2, max_connections=1) as (acc, port):
+        idle = client(port)
+        assert idle.recv(10) == b""  # the server gave up on it
+        idle.close()
+        wait_until(lambda: acc.active == 0)
+        busy = client(port)
+        busy.sendall(b"ok")
+        assert busy.recv(10) == b"ok"
+        busy.close()
+    assert acc.stats["idle_timeouts"] >= 1 and acc.stats["handler_errors"] == 0
