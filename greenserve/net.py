@@ -8,6 +8,7 @@ with the one acceptor engine (:mod:`greenserve._acceptor`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -143,27 +144,57 @@ def run_server(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], *
         raise TypeError(f"on_error must be callable, not {type(on_error).__name__}")
     if stop is not None and not isinstance(stop, (Event, AsyncResult)):
         raise TypeError(f"stop must be a gevent Event or AsyncResult, not {type(stop).__name__}")
-    if additional_processes:
-        return _run_processes(lsock, handler, on_error, max_connections,
-                              additional_processes, stop)
-    return _serve(lsock, handler, on_error, max_connections, stop)
+    return serve_listeners([lsock], handler, on_error=on_error, max_connections=max_connections,
+                           additional_processes=additional_processes, stop=stop)
 
 
-def _serve(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], on_error: OnError,
-           max_connections: int | None, stop: Event | AsyncResult | None) -> Any:
+def serve_listeners(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], object], *,
+                    on_error: OnError, max_connections: int | None = None,
+                    additional_processes: int = 0, stop: Event | AsyncResult | None = None,
+                    drain_timeout: float | None = None, **engine: Any) -> Any:
+    """``run_server`` for several listening sockets sharing one connection limit (the
+    CLI's ``--bind`` repeated). ``drain_timeout``: once ``stop`` is set, handlers still
+    running after that many seconds are cancelled (their clients see end of file).
+    ``engine`` holds the acceptor's per-connection options (``ssl_context``, ...)."""
+    serve = functools.partial(_serve, listeners, handler, on_error, max_connections,
+                              drain_timeout=drain_timeout, engine=engine)
+    if not additional_processes:
+        return serve(stop)
+    children = [_fork_child(serve) for _ in range(additional_processes)]
+    try:
+        with Switch(name="run_server children") as sw:
+            for pid in children:
+                sw.fork_daemon(_watch_child, pid)
+            return serve(stop)
+    finally:
+        _stop_children(children)
+
+
+def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], object],
+           on_error: OnError, max_connections: int | None, stop: Event | AsyncResult | None,
+           *, drain_timeout: float | None, engine: dict[str, Any]) -> Any:
     def serve_one(sock: gsocket.socket, peer: Any) -> None:
         with Flow(sock, peer=peer) as flow:
             handler(flow, peer)
 
-    with Switch(name=f"run_server {lsock.address}") as sw:
-        acceptor = Acceptor([lsock.socket], serve_one, sw=sw, max_connections=max_connections,
-                            on_error=lambda exc, peer: on_error(exc),
-                            name=f"run_server {lsock.address}")
+    name = f"run_server {' '.join(str(ls.address) for ls in listeners)}"
+    with Switch(name=name) as sw:
+        acceptor = Acceptor([ls.socket for ls in listeners], serve_one, sw=sw,
+                            max_connections=max_connections,
+                            on_error=lambda exc, peer: on_error(exc), name=name, **engine)
         acceptor.start_accepting()
         try:
             return _wait_for_stop(stop)
         finally:
             acceptor.close(close_listeners=False)
+            _drain(acceptor, drain_timeout)
+
+
+def _drain(acceptor: Acceptor, drain_timeout: float | None) -> None:
+    if drain_timeout is not None and not acceptor.idle.wait(drain_timeout):
+        log.info("%s: %d connections still open after %s s: closing them",
+                 acceptor.name, acceptor.active, drain_timeout)
+        acceptor.abort_connections()
 
 
 def _wait_for_stop(stop: Event | AsyncResult | None) -> Any:
@@ -176,21 +207,7 @@ def _wait_for_stop(stop: Event | AsyncResult | None) -> Any:
     return None
 
 
-def _run_processes(lsock: ListeningSocket, handler: Callable[[Flow, Any], object],
-                   on_error: OnError, max_connections: int | None, n: int,
-                   stop: Event | AsyncResult | None) -> Any:
-    children = [_fork_child(lsock, handler, on_error, max_connections) for _ in range(n)]
-    try:
-        with Switch(name="run_server children") as sw:
-            for pid in children:
-                sw.fork_daemon(_watch_child, pid)
-            return _serve(lsock, handler, on_error, max_connections, stop)
-    finally:
-        _stop_children(children)
-
-
-def _fork_child(lsock: ListeningSocket, handler: Callable[[Flow, Any], object],
-                on_error: OnError, max_connections: int | None) -> int:
+def _fork_child(serve: Callable[[Event], object]) -> int:
     pid = gevent.os.fork()
     if pid:
         return pid
@@ -198,7 +215,7 @@ def _fork_child(lsock: ListeningSocket, handler: Callable[[Flow, Any], object],
     try:  # the child: serve until SIGTERM, then finish handlers and exit
         child_stop = Event()
         gevent.signal_handler(signal.SIGTERM, child_stop.set)
-        _serve(lsock, handler, on_error, max_connections, child_stop)
+        serve(child_stop)
         code = 0
     except BaseException:
         log.exception("run_server: child process %d failed", os.getpid())
