@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -32,10 +31,9 @@ def run_cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
 
 
 @contextmanager
-def cli(*args: str, pass_fds: tuple[int, ...] = (), **extra: str) -> Iterator[tuple[Any, list[str]]]:
+def cli(*args: str, **extra: str) -> Iterator[tuple[Any, list[str]]]:
     proc = subprocess.Popen([sys.executable, "-m", "greenserve", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(**extra),
-                            pass_fds=pass_fds)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(**extra))
     try:
         addrs = []
         n = sum(1 for a in args if a == "--bind") or 1
