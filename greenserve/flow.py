@@ -88,13 +88,19 @@ class Flow(_Owned):
     closes it.
     """
 
-    __slots__ = ("__weakref__", "_local", "_peer")
+    __slots__ = ("__weakref__", "_drained", "_local", "_peer", "_plain")
 
     def __init__(self, sock: gsocket.socket, *, peer: Tcp | Unix | None = None,
                  sw: Switch | None = None) -> None:
         super().__init__(sock)
         self._peer = peer
         self._local: Tcp | Unix | None = None
+        # True after a read that returned less than asked: the kernel buffer is then
+        # almost surely empty, so the next read waits for readability first instead of
+        # paying for a recv() that fails with EAGAIN (one syscall per round trip).
+        # Not for TLS: decrypted bytes can wait in the SSL object with the kernel empty.
+        self._drained = False
+        self._plain = type(sock) is gsocket.socket
         self._own(sw)
 
     def __repr__(self) -> str:
@@ -123,17 +129,27 @@ class Flow(_Owned):
 
     def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """Read up to ``max_bytes``; ``b""`` at end of file."""
+        sock = self._sock
         try:
-            return self._sock.recv(max_bytes)
+            if self._drained:
+                sock._wait(sock._read_event)
+            data: bytes = sock.recv(max_bytes)
         except OSError as exc:
             reraise(exc)
+        self._drained = self._plain and 0 < len(data) < max_bytes
+        return data
 
     def read_into(self, buffer: Any) -> int:
         """Read into ``buffer`` (a writable buffer); return the count, 0 at end of file."""
+        sock = self._sock
         try:
-            return self._sock.recv_into(buffer)
+            if self._drained:
+                sock._wait(sock._read_event)
+            n: int = sock.recv_into(buffer)
         except OSError as exc:
             reraise(exc)
+        self._drained = self._plain and 0 < n < len(buffer)
+        return n
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``, blocking this greenlet until the kernel took it."""

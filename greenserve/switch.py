@@ -219,8 +219,10 @@ class Switch:
             raise RuntimeError(f"{self!r} is finished: cannot fork {fn!r}")
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        ctx = contextvars.copy_context()
-        g = Greenlet(self._run_fiber, fn, args, kw, ctx, daemon, promise, status, cleanup)
+        g = Greenlet(self._run_fiber, fn, args, kw, daemon, promise, status, cleanup)
+        # The fiber runs in a copy of the forker's context (set as the greenlet's own
+        # context: no Context.run frame on the fiber's stack, which every switch saves).
+        g.gr_context = contextvars.copy_context()
         self._state[g] = _PENDING
         if daemon:
             self._daemons.add(g)
@@ -234,7 +236,7 @@ class Switch:
         return g
 
     def _run_fiber(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any],
-                   ctx: contextvars.Context, daemon: bool, promise: AsyncResult | None,
+                   daemon: bool, promise: AsyncResult | None,
                    status: TaskStatus | None, cleanup: Callable[[], object] | None) -> Any:
         me = getcurrent()
         if self._cancelled or (daemon and self._closing) or self._state.get(me) == _KILLED:
@@ -244,7 +246,7 @@ class Switch:
             return None
         self._state[me] = _RUNNING
         try:
-            result = ctx.run(fn, *args, **kw)
+            result = fn(*args, **kw)
         except GreenletExit as exc:  # Cancelled, or a direct kill(): not a failure
             self._fiber_cancelled(exc, promise, status)
             return None
