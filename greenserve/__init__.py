@@ -36,11 +36,14 @@ from .errors import WriterBufferAgeExceeded as WriterBufferAgeExceeded
 from .flow import DatagramSocket as DatagramSocket
 from .flow import Flow as Flow
 from .flow import ListeningSocket as ListeningSocket
+from .stream import Reader as Reader
+from .stream import Writer as Writer
 from .switch import Switch as Switch
 
 __all__ = [
     "AddressLookupFailed", "Cancelled", "ConnectInterrupted", "ConnectTimeout",
     "ConnectionFailure", "ConnectionReset", "DatagramSocket", "Flow", "IncompleteRead",
-    "LineTooLong", "ListeningSocket", "NetError", "NoMatchingAddresses", "Refused",
-    "Switch", "Tcp", "Udp", "Unix", "WriterBufferAgeExceeded", "net", "parse_address",
+    "LineTooLong", "ListeningSocket", "NetError", "NoMatchingAddresses", "Reader", "Refused",
+    "Switch", "Tcp", "Udp", "Unix", "Writer", "WriterBufferAgeExceeded", "net",
+    "parse_address",
 ]
