@@ -330,3 +330,15 @@ def test_idle_connection_is_closed_and_slot_freed() -> None:
         assert busy.recv(10) == b"ok"
         busy.close()
     assert acc.stats["idle_timeouts"] >= 1 and acc.stats["handler_errors"] == 0
+
+
+def test_accepted_tcp_sockets_have_nodelay() -> None:
+    seen: list[int] = []
+
+    def handler(sock: Any, peer: Any) -> None:
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    with serving(handler) as (_acc, port):
+        with client(port) as c:
+            assert closed_by_server(c)
+    assert seen and seen[0] != 0

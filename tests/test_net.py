@@ -646,3 +646,11 @@ def test_run_server_additional_processes_spread_and_stop() -> None:
         if proc.returncode is None:
             proc.kill()
             proc.wait()
+
+
+def test_listening_socket_context_manager_and_repr() -> None:
+    with Switch() as sw:
+        with net.listen(Tcp("127.0.0.1", 0), sw=sw) as lsock:
+            assert str(lsock.address) in repr(lsock)
+        assert lsock.closed
+        lsock.close()  # idempotent
