@@ -338,7 +338,6 @@ def test_accepted_tcp_sockets_have_nodelay() -> None:
     def handler(sock: Any, peer: Any) -> None:
         seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
-    with serving(handler) as (_acc, port):
-        with client(port) as c:
-            assert closed_by_server(c)
+    with serving(handler) as (_acc, port), client(port) as c:
+        assert closed_by_server(c)
     assert seen and seen[0] != 0
