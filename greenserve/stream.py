@@ -120,7 +120,7 @@ class Reader:
     int raises ``TypeError``, one out of range ``ValueError``.
     """
 
-    __slots__ = ("_buf", "_closed", "_eof", "_pos", "_sock")
+    __slots__ = ("_buf", "_closed", "_drained", "_eof", "_plain", "_pos", "_sock")
 
     def __init__(self, sock: gsocket.socket) -> None:
         self._sock = sock
@@ -128,6 +128,11 @@ class Reader:
         self._pos = 0          # bytes before this offset were consumed
         self._eof = False      # recv returned b"": it never returns data again
         self._closed = False
+        # As in Flow: after a short recv the kernel buffer is almost surely empty, so
+        # the next one waits for readability first rather than failing with EAGAIN.
+        # Not for TLS sockets, whose SSL object can hold decrypted bytes.
+        self._drained = False
+        self._plain = type(sock) is gsocket.socket
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "eof" if self._eof else "open"
@@ -155,10 +160,7 @@ class Reader:
             raise _closed_error("Reader")
         if self._eof:
             return b""
-        try:
-            data: bytes = self._sock.recv(max_bytes)
-        except OSError as exc:
-            reraise(exc)
+        data = self._recv(max_bytes)
         if not data:
             self._eof = True
         return data
@@ -272,6 +274,17 @@ class Reader:
 
     # -- buffer helpers -----------------------------------------------------------------
 
+    def _recv(self, size: int) -> bytes:
+        sock = self._sock
+        try:
+            if self._drained:
+                sock._wait(sock._read_event)
+            data: bytes = sock.recv(size)
+        except OSError as exc:
+            reraise(exc)
+        self._drained = self._plain and 0 < len(data) < size
+        return data
+
     def _fill(self) -> bool:
         """Receive one chunk into the buffer; False at end of file."""
         if self._closed:
@@ -282,10 +295,7 @@ class Reader:
             # The only compaction: once per recv, and only the unconsumed tail moves.
             del self._buf[: self._pos]
             self._pos = 0
-        try:
-            data = self._sock.recv(RECV_SIZE)
-        except OSError as exc:
-            reraise(exc)
+        data = self._recv(RECV_SIZE)
         if not data:
             self._eof = True
             return False
