@@ -474,8 +474,8 @@ class StreamServer:
             hub = gevent.get_hub()
             hub.handle_error((_gevent_address(peer), self), type(exc), exc, exc.__traceback__)
             return self._reject(run, serve, sock, peer)
-        if pool is not None and _pool_full(pool) and run.acceptor.active < (self._limit() or 0):
-            run.wait_for_pool(pool)
+        if pool is not None and _pool_full(pool) and run.acceptor.active < run.limit:
+            run.wait_for_pool(pool)  # full, but not of ours: the engine would go on
         return _cancellable(fiber)
 
     def _reject(self, run: _Run, serve: Callable[..., Any], sock: Any, peer: Any) -> Any:
@@ -533,9 +533,11 @@ class _Run:
         self.server = server
         name = f"StreamServer {server._address_text()}"
         self.switch = Switch._detached(name)
+        limit = server._limit()
+        self.limit = limit if limit is not None else 0  # 0: no limit of ours to compare
         self.acceptor = Acceptor(
             [sock], server._serve_connection, sw=self.switch,
-            max_connections=server._limit(), max_accepts_per_batch=server.max_accept,
+            max_connections=limit, max_accepts_per_batch=server.max_accept,
             on_error=server._report_handler_error, spawn=server._engine_spawn(), name=name,
             ssl_context=server.ssl_context, handshake_timeout=server.handshake_timeout,
             proxy_protocol=server.proxy_protocol, idle_timeout=server.idle_timeout)
