@@ -516,8 +516,11 @@ def test_a_unix_address_object(tmp_path: Any) -> None:
 
 
 def test_tls_with_ssl_context(certs: Any) -> None:
-    server = StreamServer(("127.0.0.1", 0), echo, ssl_context=certs.server_context())
-    assert server.ssl_enabled and server.ssl_args == {"server_side": True}
+    assert not StreamServer(("127.0.0.1", 0), echo, ssl_context=None).ssl_enabled
+    server = StreamServer(("127.0.0.1", 0), echo, ssl_context=certs.server_context(),
+                          server_side=True, do_handshake_on_connect=False)
+    assert server.ssl_enabled
+    assert server.ssl_args == {"server_side": True, "do_handshake_on_connect": False}
     with running(server), tls_client(server, certs.client_context()) as tls:
         tls.sendall(b"secret")
         assert tls.recv(10) == b"secret"
