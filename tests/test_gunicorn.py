@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gunicorn.config import KNOWN_SETTINGS
 
 ROOT = Path(__file__).parent.parent
 APPS = Path(__file__).parent / "gunicorn_apps"
 READY_CONF = APPS / "ready_conf.py"
+# gunicorn >= 27 opens a control socket at one fixed path per user: not for test servers.
+NO_CONTROL_SOCKET = (["--no-control-socket"]
+                     if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else [])
 pytestmark = pytest.mark.no_leak_check  # the servers run in child processes
 
 # How long a healthy gunicorn gets to boot, answer or exit: far above what it needs
@@ -115,11 +119,12 @@ def gunicorn(app: str, *options: str, worker: str = "Worker", workers: int = 1, 
     the block ends; it starts once every worker is ready (unless ``ready=False``), and
     must log no traceback. ``worker`` may also be a full dotted path."""
     worker_class = worker if "." in worker else f"greenserve.gunicorn.{worker}"
-    cmd = [sys.executable, "-m", "gunicorn", "--no-control-socket", "-c", str(READY_CONF),
+    cmd = [sys.executable, "-m", "gunicorn", *NO_CONTROL_SOCKET, "-c", str(READY_CONF),
            "-k", worker_class, "-w", str(workers),
            "--pythonpath", str(pythonpath),
            *[arg for _ in range(binds) for arg in ("--bind", "127.0.0.1:0")], *options, app]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if state is not None:
         env["GS_STATE_DIR"] = str(state)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
