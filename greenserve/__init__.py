@@ -36,6 +36,7 @@ from .errors import WriterBufferAgeExceeded as WriterBufferAgeExceeded
 from .flow import DatagramSocket as DatagramSocket
 from .flow import Flow as Flow
 from .flow import ListeningSocket as ListeningSocket
+from .server import StreamServer as StreamServer
 from .stream import Reader as Reader
 from .stream import Writer as Writer
 from .switch import Switch as Switch
@@ -43,7 +44,7 @@ from .switch import Switch as Switch
 __all__ = [
     "AddressLookupFailed", "Cancelled", "ConnectInterrupted", "ConnectTimeout",
     "ConnectionFailure", "ConnectionReset", "DatagramSocket", "Flow", "IncompleteRead",
-    "LineTooLong", "ListeningSocket", "NetError", "NoMatchingAddresses", "Reader", "Refused",
+    "LineTooLong", "ListeningSocket", "NetError", "NoMatchingAddresses", "Reader", "Refused", "StreamServer",
     "Switch", "Tcp", "Udp", "Unix", "Writer", "WriterBufferAgeExceeded", "net",
     "parse_address",
 ]

@@ -27,6 +27,7 @@ Design rules:
 
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import os
@@ -411,6 +412,6 @@ def _shutdown(sock: gsocket.socket) -> None:
     # The kernel's shutdown, not gevent's: gevent's also throws EBADF into a greenlet
     # blocked on the socket, where a handler should see end of file (or Cancelled).
     try:
-        _stdsocket.socket.shutdown(sock._sock, _stdsocket.SHUT_RDWR)
+        _socket.socket.shutdown(sock._sock, _stdsocket.SHUT_RDWR)
     except OSError:
         pass  # already closed or never connected: nothing to shut

@@ -8,6 +8,7 @@ when the switch finishes, and closing it earlier detaches it.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket as _stdsocket
@@ -167,7 +168,7 @@ class Flow(_Owned):
         try:
             # The kernel's shutdown, not gevent's (which throws EBADF into any greenlet
             # blocked on the socket): a reader blocked in another greenlet sees end of file.
-            _stdsocket.socket.shutdown(self._sock._sock, flag)
+            _socket.socket.shutdown(self._sock._sock, flag)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:  # the peer already went away: nothing to shut
                 reraise(exc)

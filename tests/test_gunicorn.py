@@ -44,15 +44,6 @@ DEADLINE = 15.0
 # gunicorn's gevent worker waits for its 1 s poll or the keep-alive timeout.
 AT_ONCE = 1.0
 
-# Cancelling connections (Acceptor.abort_connections) fails in a monkey-patched process,
-# which every gunicorn worker is: see tests/test_legacy.py for the same engine bug.
-ENGINE_SHUTDOWN_BUG = pytest.mark.xfail(strict=True, reason=(
-    "engine bug in a monkey-patched process: greenserve/_acceptor.py _shutdown() calls "
-    "socket.socket.shutdown(sock._sock, ...), and socket.socket is gevent's class once "
-    "patched (AttributeError: '_wrefsocket' object has no attribute 'hub'); the fix is "
-    "_socket.socket.shutdown"))
-
-
 class Gunicorn:
     """One running arbiter: its process, its log (read by a thread) and its ports."""
 
@@ -318,7 +309,6 @@ def test_sigterm_to_the_arbiter_refuses_new_connections_at_once(tmp_path: Path) 
         assert "SIGKILL" not in g.log
 
 
-@ENGINE_SHUTDOWN_BUG
 def test_a_request_over_the_graceful_timeout_is_cancelled(tmp_path: Path) -> None:
     with gunicorn("wsgi_app:app", "--graceful-timeout", "1", state=tmp_path) as g:
         held = Held(g.ports[0], tmp_path, "forever").wait_started()
@@ -334,7 +324,6 @@ def test_a_request_over_the_graceful_timeout_is_cancelled(tmp_path: Path) -> Non
         assert "SIGKILL" not in g.log  # the worker cancelled and exited by itself
 
 
-@ENGINE_SHUTDOWN_BUG
 def test_sigint_is_a_quick_stop(tmp_path: Path) -> None:
     with gunicorn("wsgi_app:app", "--graceful-timeout", "10", state=tmp_path) as g:
         held = Held(g.ports[0], tmp_path, "held").wait_started()
@@ -460,7 +449,6 @@ def test_tcp_worker_echoes_with_two_workers() -> None:
         assert "SIGKILL" not in g.log
 
 
-@ENGINE_SHUTDOWN_BUG
 def test_tcp_worker_cuts_connections_open_past_the_graceful_timeout() -> None:
     with gunicorn("tcp_echo:echo", "--graceful-timeout", "1", worker="TCPWorker") as g:
         held = raw_connect(g.ports[0])

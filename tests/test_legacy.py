@@ -107,11 +107,6 @@ def test_sigterm_lets_a_request_in_flight_finish() -> None:
     assert out.decode() == "stopped\n"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug in a monkey-patched process: greenserve/_acceptor.py _shutdown() calls "
-    "socket.socket.shutdown(sock._sock, ...), and socket.socket is gevent's class once "
-    "patched (AttributeError: '_wrefsocket' object has no attribute 'hub'); the fix is "
-    "_socket.socket.shutdown. Same in flow.py Flow.shutdown."))
 def test_sigterm_closes_connections_still_open_after_the_grace_period() -> None:
     with legacy_server(grace="0.2") as (proc, port):
         c = LineClient(port)
