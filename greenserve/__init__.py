@@ -44,7 +44,8 @@ from .switch import Switch as Switch
 __all__ = [
     "AddressLookupFailed", "Cancelled", "ConnectInterrupted", "ConnectTimeout",
     "ConnectionFailure", "ConnectionReset", "DatagramSocket", "Flow", "IncompleteRead",
-    "LineTooLong", "ListeningSocket", "NetError", "NoMatchingAddresses", "Reader", "Refused", "StreamServer",
+    "LineTooLong", "ListeningSocket", "NetError", "NoMatchingAddresses", "Reader", "Refused",
+    "StreamServer",
     "Switch", "Tcp", "Udp", "Unix", "Writer", "WriterBufferAgeExceeded", "net",
     "parse_address",
 ]
