@@ -1,0 +1,194 @@
+"""What the stress tests share: servers on the engine and its faces, a handler gauge,
+bounded waiting, and probes of this process (fds, greenlets, memory)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent import socket as gsocket
+
+from greenserve import Switch, Tcp
+from greenserve._acceptor import Acceptor
+from greenserve.flow import open_listener
+from greenserve.server import StreamServer
+
+ROOT = Path(__file__).parent.parent.parent
+SCRIPTS = Path(__file__).parent / "scripts"
+
+# Room for every client a test starts at once, so that the kernel never refuses one.
+BACKLOG = 1024
+
+
+# -- waiting ---------------------------------------------------------------------------------
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    """Wait cooperatively until ``cond()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {what or cond}")
+        gevent.sleep(0.002)
+
+
+# -- probes of this process ------------------------------------------------------------------
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def live_greenlets() -> list[gevent.Greenlet]:
+    return [o for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead]
+
+
+def rss_kib() -> int:
+    """Resident set size (VmRSS) of this process, in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    # Freed C memory (greenlet stacks, socket buffers) stays in glibc's heap, counted in
+    # RSS, until trimmed: trimming first makes RSS measure what is still allocated.
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS then includes the allocator's free lists
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a leak would make grow: fds, live greenlets, memory."""
+
+    fds: frozenset[int]
+    greenlets: int
+    rss_kib: int
+    blocks: int   # sys.getallocatedblocks(): Python objects and buffers, exact
+    objects: int  # objects tracked by the garbage collector
+
+    @classmethod
+    def now(cls) -> Footprint:
+        gc.collect()
+        _malloc_trim()
+        return cls(frozenset(open_fds()), len(live_greenlets()), rss_kib(),
+                   sys.getallocatedblocks(), len(gc.get_objects()))
+
+
+# -- counting inside handlers ----------------------------------------------------------------
+
+
+@dataclass
+class Gauge:
+    """Counts handlers as they run: how many now, the most at once, started, finished."""
+
+    running: int = 0
+    peak: int = 0
+    started: int = 0
+    finished: int = 0
+
+    @contextmanager
+    def inside(self) -> Iterator[None]:
+        self.running += 1
+        self.started += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.finished += 1
+
+
+# -- servers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """A running server as the tests see it, whatever the face."""
+
+    port: int
+    stats: Callable[[], dict[str, int]]
+    active: Callable[[], int]
+    errors: list[tuple[BaseException, Any]] = field(default_factory=list)
+    address: Any = None
+
+
+@contextmanager
+def engine(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Served]:
+    """The Acceptor itself on 127.0.0.1, ``handler(sock, peer)``; handler errors are
+    collected in ``served.errors``. Closes everything (connections too) on exit."""
+    errors: list[tuple[BaseException, Any]] = []
+    kw.setdefault("on_error", lambda exc, peer: errors.append((exc, peer)))
+    with Switch(name="stress engine") as sw:
+        lsock = open_listener(Tcp("127.0.0.1", 0), backlog=BACKLOG, sw=sw)
+        acc = Acceptor([lsock.socket], handler, sw=sw, name="stress engine", **kw)
+        acc.start_accepting()
+        try:
+            yield Served(lsock.address.port, lambda: dict(acc.stats), lambda: acc.active,
+                         errors, lsock.address)
+        finally:
+            acc.close(close_listeners=False, close_connections=True)
+
+
+@contextmanager
+def stream_server(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Served]:
+    """greenserve's gevent-compatible StreamServer on 127.0.0.1, ``handle(sock, address)``."""
+    server = StreamServer(("127.0.0.1", 0), handler, backlog=BACKLOG, **kw)
+    server.start()
+    try:
+        yield Served(server.server_port, server.stats, lambda: server.num_connections,
+                     address=Tcp("127.0.0.1", server.server_port))
+    finally:
+        server.stop(timeout=5)
+
+
+FACES = {"engine": engine, "StreamServer": stream_server}
+
+
+# -- clients ---------------------------------------------------------------------------------
+
+
+def connect(port: int, timeout: float = 10.0) -> gsocket.socket:
+    """A client connected to 127.0.0.1:port. Not ``create_connection``: that resolves
+    even an IP literal through gevent's thread pool, whose threads (stacks, malloc
+    arenas) would blur the memory figures and cost a thread round trip per client."""
+    sock = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_exactly(sock: Any, n: int) -> bytes:
+    """``n`` bytes, or fewer if the peer closed first."""
+    chunks = []
+    while n:
+        data = sock.recv(min(n, 65536))
+        if not data:
+            break
+        chunks.append(data)
+        n -= len(data)
+    return b"".join(chunks)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child running greenserve from this checkout."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
