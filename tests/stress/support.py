@@ -17,8 +17,9 @@ from typing import Any
 
 import gevent
 from gevent import socket as gsocket
+from gevent.event import Event
 
-from greenserve import Switch, Tcp
+from greenserve import Switch, Tcp, net
 from greenserve._acceptor import Acceptor
 from greenserve.flow import open_listener
 from greenserve.server import StreamServer
@@ -156,7 +157,23 @@ def stream_server(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[
         server.stop(timeout=5)
 
 
-FACES = {"engine": engine, "StreamServer": stream_server}
+@contextmanager
+def net_server(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Served]:
+    """``net.serve_listeners`` (what ``run_server`` and the CLI run) on 127.0.0.1,
+    ``handler(flow, peer)``; ``kw`` are its keywords (``max_connections``, the engine's
+    ``ssl_context``, ``proxy_protocol``...). This face has no stats: ``stats()`` is
+    empty. Handler errors are collected in ``served.errors``."""
+    errors: list[tuple[BaseException, Any]] = []
+    stop = Event()
+    kw.setdefault("drain_timeout", 5.0)  # a stuck handler fails the test, never hangs it
+    with Switch(name="stress net") as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw, backlog=BACKLOG)
+        sw.fork(net.serve_listeners, [lsock], handler,
+                on_error=lambda exc: errors.append((exc, None)), stop=stop, **kw)
+        try:
+            yield Served(lsock.address.port, dict, lambda: -1, errors, lsock.address)
+        finally:
+            stop.set()
 
 
 # -- clients ---------------------------------------------------------------------------------
