@@ -154,6 +154,9 @@ class Acceptor:
         self._watching = False   # watchers really started
         self._closed = False
         self._conns: dict[gsocket.socket, Greenlet | None] = {}
+        # Connections abort_connections() shut down: whatever their handler raises from
+        # then on is the abort's doing (see _serve), not the handler's failure.
+        self._aborted: set[gsocket.socket] = set()
         self.active = 0
         self.stats = {"accepted": 0, "active": 0, "dropped": 0, "handler_errors": 0,
                       "accept_errors": 0, "peak_active": 0, "handshake_errors": 0,
@@ -205,8 +208,16 @@ class Acceptor:
             self.abort_connections()
 
     def abort_connections(self) -> None:
-        """Shut down every open connection and cancel its handler."""
+        """Shut down every open connection and cancel its handler.
+
+        The cancellation reaches a handler at its next blocking point, from a hub
+        callback; a handler that runs before that (its timer fired in the same loop
+        iteration) may fail on the shut-down socket (``EPIPE``). Such an exception is
+        not counted as a handler error nor passed to ``on_error``: the server ended
+        that connection, not the handler.
+        """
         for sock, g in list(self._conns.items()):
+            self._aborted.add(sock)
             _shutdown(self._wrapped.get(sock, sock))
             if g is not None:
                 self._cancel(g)
@@ -320,6 +331,10 @@ class Acceptor:
                     return
             self._handler(conn, peer)
         except Exception as exc:
+            if sock in self._aborted:
+                log.debug("%s: connection from %s aborted; its handler ended with %r",
+                          self.name, peer, exc)
+                return
             if self.idle_timeout is not None and isinstance(exc, TimeoutError):
                 self.stats["idle_timeouts"] += 1
                 log.debug("%s: connection from %s idle for %s s: closed",
@@ -356,6 +371,7 @@ class Acceptor:
 
     def _release(self, sock: gsocket.socket) -> None:
         sock.close()
+        self._aborted.discard(sock)
         if self._conns.pop(sock, _GONE) is _GONE:
             return  # released already
         self.active -= 1
