@@ -54,6 +54,31 @@ def live_greenlets() -> list[gevent.Greenlet]:
     return [o for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead]
 
 
+def connections_to(port: int) -> list[int]:
+    """This process's fds that are TCP connections whose local port is ``port``: the
+    server side of connections to a server listening there."""
+    found = []
+    for fd in open_fds():
+        try:
+            dup = os.dup(fd)
+        except OSError:
+            continue  # closed meanwhile (e.g. the listdir's own fd)
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue  # not a socket
+        with sock:
+            try:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) \
+                        and sock.type == socket.SOCK_STREAM \
+                        and sock.getsockname()[1] == port and sock.getpeername():
+                    found.append(fd)
+            except OSError:
+                pass  # not connected: the listening socket itself
+    return found
+
+
 def rss_kib() -> int:
     """Resident set size (VmRSS) of this process, in KiB."""
     with open("/proc/self/status") as f:
