@@ -265,13 +265,38 @@ def _unlink_if_ours(path: str, pid: int, dev: int, ino: int) -> None:
 
 
 def _remove_stale_socket(path: str) -> None:
+    """Remove the socket file at ``path`` if it is stale (nobody bound to it any more).
+
+    Anything else is left alone: a file that is not a socket (``FileExistsError``),
+    and a socket someone is still serving on (``EADDRINUSE``, as ``SO_REUSEADDR`` never
+    takes a TCP port from a listening server either).
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket: not removed")
+    if _socket_in_use(path):
+        raise OSError(errno.EADDRINUSE, f"{path} is a socket in use: not removed")
     os.unlink(path)
+
+
+def _socket_in_use(path: str) -> bool:
+    # Only a socket file nobody is bound to refuses a connection (ECONNREFUSED). A
+    # listener accepts it (and then sees our probe close), a full backlog says EAGAIN,
+    # a bound datagram socket EPROTOTYPE: all in use. The raw socket never blocks.
+    probe = _socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True
 
 
 def _bind_unix(sock: gsocket.socket, addr: Unix, reuse_addr: bool
