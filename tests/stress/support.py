@@ -151,6 +151,8 @@ class Served:
     active: Callable[[], int]
     errors: list[tuple[BaseException, Any]] = field(default_factory=list)
     address: Any = None
+    # Sets drop-incoming (accept and close at once) where the face has it.
+    set_drop_incoming: Callable[[bool], None] | None = None
 
 
 @contextmanager
@@ -165,7 +167,8 @@ def engine(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Served]
         acc.start_accepting()
         try:
             yield Served(lsock.address.port, lambda: dict(acc.stats), lambda: acc.active,
-                         errors, lsock.address)
+                         errors, lsock.address,
+                         lambda flag: setattr(acc, "drop_incoming", flag))
         finally:
             acc.close(close_listeners=False, close_connections=True)
 
