@@ -147,10 +147,9 @@ class Served:
     """A running server as the tests see it, whatever the face."""
 
     port: int
-    stats: Callable[[], dict[str, int]]
-    active: Callable[[], int]
+    stats: Callable[[], dict[str, int]]  # {} where the face has no stats
+    active: Callable[[], int]            # open connections; -1 where the face cannot tell
     errors: list[tuple[BaseException, Any]] = field(default_factory=list)
-    address: Any = None
     # Sets drop-incoming (accept and close at once) where the face has it.
     set_drop_incoming: Callable[[bool], None] | None = None
 
@@ -167,8 +166,7 @@ def engine(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Served]
         acc.start_accepting()
         try:
             yield Served(lsock.address.port, lambda: dict(acc.stats), lambda: acc.active,
-                         errors, lsock.address,
-                         lambda flag: setattr(acc, "drop_incoming", flag))
+                         errors, lambda flag: setattr(acc, "drop_incoming", flag))
         finally:
             acc.close(close_listeners=False, close_connections=True)
 
@@ -179,8 +177,7 @@ def stream_server(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[
     server = StreamServer(("127.0.0.1", 0), handler, backlog=BACKLOG, **kw)
     server.start()
     try:
-        yield Served(server.server_port, server.stats, lambda: server.num_connections,
-                     address=Tcp("127.0.0.1", server.server_port))
+        yield Served(server.server_port, server.stats, lambda: server.num_connections)
     finally:
         server.stop(timeout=5)
 
@@ -199,7 +196,7 @@ def net_server(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Ser
         sw.fork(net.serve_listeners, [lsock], handler,
                 on_error=lambda exc: errors.append((exc, None)), stop=stop, **kw)
         try:
-            yield Served(lsock.address.port, dict, lambda: -1, errors, lsock.address)
+            yield Served(lsock.address.port, dict, lambda: -1, errors)
         finally:
             stop.set()
 
@@ -233,7 +230,7 @@ def recv_exactly(sock: Any, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     """The environment for a child running greenserve from this checkout."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, **extra}
+    return {**os.environ, "PYTHONPATH": path}

@@ -61,7 +61,7 @@ def run_server(handler: Callable[[Flow, Any], None], **kw: Any) -> Iterator[Serv
         lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw, backlog=BACKLOG)
         sw.fork(net.run_server, lsock, handler, on_error=pytest.fail, stop=stop, **kw)
         try:
-            yield Served(lsock.address.port, dict, lambda: 0)
+            yield Served(lsock.address.port, dict, lambda: -1)
         finally:
             stop.set()
 
