@@ -32,6 +32,28 @@ _SHUTDOWN = {"send": _stdsocket.SHUT_WR, "receive": _stdsocket.SHUT_RD,
 DEFAULT_READ_SIZE = 65536
 
 
+def _receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> Any:
+    """Call the raw ``recv``/``recv_into`` (``method``) of a plain gevent socket.
+
+    The one read path of :class:`Flow` and :class:`~greenserve.stream.Reader`: the
+    non-blocking call on the raw socket, waiting for readability (with the socket's
+    timeout, as gevent's own ``recv`` does) only when it would block, or first when
+    ``wait_first``: after a read that came back short the kernel buffer is almost surely
+    empty, and a ``recv`` would only fail with ``EAGAIN`` (one syscall per round trip).
+    Never for TLS sockets: their SSL object can hold decrypted bytes while the kernel's
+    buffer is empty.
+    """
+    if wait_first:
+        sock._wait(sock._read_event)
+    while True:
+        try:
+            return getattr(sock._sock, method)(arg)
+        except BlockingIOError:
+            if sock.timeout == 0.0:
+                raise  # a non-blocking socket: gevent's recv raises too
+        sock._wait(sock._read_event)
+
+
 class _Owned:
     """Close-once and switch-ownership bookkeeping shared by the socket wrappers."""
 
@@ -130,11 +152,11 @@ class Flow(_Owned):
 
     def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """Read up to ``max_bytes``; ``b""`` at end of file."""
-        sock = self._sock
         try:
-            if self._drained:
-                sock._wait(sock._read_event)
-            data: bytes = sock.recv(max_bytes)
+            if self._plain:
+                data: bytes = _receive(self._sock, "recv", max_bytes, self._drained)
+            else:
+                data = self._sock.recv(max_bytes)
         except OSError as exc:
             reraise(exc)
         self._drained = self._plain and 0 < len(data) < max_bytes
@@ -142,11 +164,11 @@ class Flow(_Owned):
 
     def read_into(self, buffer: Any) -> int:
         """Read into ``buffer`` (a writable buffer); return the count, 0 at end of file."""
-        sock = self._sock
         try:
-            if self._drained:
-                sock._wait(sock._read_event)
-            n: int = sock.recv_into(buffer)
+            if self._plain:
+                n: int = _receive(self._sock, "recv_into", buffer, self._drained)
+            else:
+                n = self._sock.recv_into(buffer)
         except OSError as exc:
             reraise(exc)
         self._drained = self._plain and 0 < n < len(buffer)
@@ -154,8 +176,21 @@ class Flow(_Owned):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``, blocking this greenlet until the kernel took it."""
+        sock = self._sock
+        if self._plain and (data.__class__ is bytes or data.__class__ is bytearray):
+            # One raw send first: the kernel almost always takes a whole reply at once,
+            # and gevent's sendall adds three Python calls and a memoryview to that.
+            try:
+                sent = sock._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                reraise(exc)
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         try:
-            self._sock.sendall(data)
+            sock.sendall(data)
         except OSError as exc:
             reraise(exc)
 

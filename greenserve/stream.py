@@ -46,7 +46,7 @@ from .errors import (
     reraise,
     translate,
 )
-from .flow import DEFAULT_READ_SIZE
+from .flow import DEFAULT_READ_SIZE, _receive
 
 __all__ = [
     "CLOSE_FLUSH_TIMEOUT",
@@ -275,11 +275,11 @@ class Reader:
     # -- buffer helpers -----------------------------------------------------------------
 
     def _recv(self, size: int) -> bytes:
-        sock = self._sock
         try:
-            if self._drained:
-                sock._wait(sock._read_event)
-            data: bytes = sock.recv(size)
+            if self._plain:
+                data: bytes = _receive(self._sock, "recv", size, self._drained)
+            else:
+                data = self._sock.recv(size)
         except OSError as exc:
             reraise(exc)
         self._drained = self._plain and 0 < len(data) < size
