@@ -222,6 +222,18 @@ class Acceptor:
             if g is not None:
                 self._cancel(g)
 
+    def abort_connection(self, sock: gsocket.socket) -> None:
+        """Shut down one connection and cancel its handler (as :meth:`abort_connections`
+        does for all). A face calls it when a connection must end for a reason of its
+        own (a ``Writer`` whose peer stopped reading); a released socket is ignored."""
+        if sock not in self._conns:
+            return
+        self._aborted.add(sock)
+        _shutdown(self._wrapped.get(sock, sock))
+        g = self._conns[sock]
+        if g is not None:
+            self._cancel(g)
+
     def _cancel(self, g: Greenlet) -> None:
         if self._spawn is None:
             self._sw._cancel_fiber(g)
