@@ -16,6 +16,7 @@ Layers, bottom up:
 from __future__ import annotations
 
 from . import net as net
+from . import tcp as tcp
 from ._version import __version__ as __version__
 from .address import Tcp as Tcp
 from .address import Udp as Udp
@@ -47,5 +48,5 @@ __all__ = [
     "LineTooLong", "ListeningSocket", "NetError", "NoMatchingAddresses", "Reader", "Refused",
     "StreamServer",
     "Switch", "Tcp", "Udp", "Unix", "Writer", "WriterBufferAgeExceeded", "net",
-    "parse_address",
+    "parse_address", "tcp",
 ]

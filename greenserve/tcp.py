@@ -1,0 +1,745 @@
+"""``greenserve.tcp``: Jane Street Async's ``Tcp`` (``Tcp.Server`` and the client) on gevent.
+
+A :class:`Server` is one :class:`~greenserve._acceptor.Acceptor` (THE engine: batched
+accepts on the hub, the exact connection limit, drop-incoming, back-off, closing) plus
+Async's vocabulary: ``on_handler_error``, ``close`` returning one Event, ``close_finished``,
+``close_finished_and_handlers_determined``, ``num_connections``, ``invariant``.
+
+Design rules:
+
+- The connection fibers belong to a Switch: the caller's ``sw`` (the server then lives
+  like a fiber of ``sw``: leaving the ``with`` block waits until the server is closed,
+  cancelling ``sw`` closes it with its connections), or a detached one of its own.
+- ``create`` hands each handler a :class:`~greenserve.stream.Reader` and a
+  :class:`~greenserve.stream.Writer` over the connection; when the handler ends the writer
+  is closed (flushed, at most 30 s) and then the reader. A writer whose peer stopped
+  reading for ``buffer_age_limit`` seconds makes the engine abort that connection (the
+  socket is shut down, the handler cancelled), which frees its slot.
+- The connection's own failures are not handler errors: a handler that ends with the
+  ``ConnectionReset`` or ``WriterBufferAgeExceeded`` of its own connection is logged at
+  debug level and does not reach ``on_handler_error`` (a peer that resets must not close a
+  server running with the default ``"raise"``).
+- The client connects in the caller's greenlet under one deadline (``timeout``), which
+  also covers name resolution and the TLS handshake; ``interrupt`` (an Event) is a second
+  way out. The socket is closed on every failure path.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import socket as _stdsocket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Literal, TypeVar, Union
+
+import gevent
+from gevent import getcurrent
+from gevent import socket as gsocket
+from gevent.event import Event
+
+from . import _tls
+from ._acceptor import Acceptor, check_connection_options, check_limits
+from .address import Fd, Tcp, Unix, parse_address
+from .errors import (
+    ConnectInterrupted,
+    ConnectionReset,
+    ConnectTimeout,
+    WriterBufferAgeExceeded,
+    add_note,
+)
+from .flow import ListeningSocket, _configure_and_bind, open_listener
+from .net import _connect_sequential, _is_ip, connect_flow
+from .stream import DEFAULT_BUFFER_AGE_LIMIT, Reader, Writer, _checked_age_limit
+from .switch import Switch
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "Reader",
+    "Server",
+    "WhereToConnect",
+    "WhereToListen",
+    "Writer",
+    "connect",
+    "connect_sock",
+    "with_connection",
+]
+
+log = logging.getLogger("greenserve")
+
+T = TypeVar("T")
+
+# Async's defaults (Tcp.Server.create): max_connections = 10_000, backlog = 64.
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_BACKLOG = 64
+# Async's Tcp.connect default timeout (``Time.Span.of_sec 10.``) is for a data-centre
+# network; 30 s is what browsers and curl-like clients give a connect on the internet.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+OnHandlerError = Union[Literal["raise", "ignore"], Callable[[Any, Exception], object]]
+ListenAddress = Union[Tcp, Unix, Fd]
+
+
+# -- where ------------------------------------------------------------------------------------
+
+
+class WhereToListen:
+    """Constructors for the address a :class:`Server` listens on (Async's
+    ``Where_to_listen``). Each returns an address object; anything
+    :func:`~greenserve.parse_address` takes is accepted as well."""
+
+    @staticmethod
+    def of_port(port: int) -> Tcp:
+        """Every IPv4 interface, ``port``."""
+        return Tcp("0.0.0.0", _checked_port(port))
+
+    @staticmethod
+    def of_port_chosen_by_os() -> Tcp:
+        """Every IPv4 interface, a free port chosen by the kernel (see ``listening_on``)."""
+        return Tcp("0.0.0.0", 0)
+
+    @staticmethod
+    def bind_to(host: str, port: int) -> Tcp:
+        """``host`` (an IP literal, e.g. ``"127.0.0.1"`` or ``"::1"``), ``port``."""
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host must be a non-empty str, not {host!r}")
+        return Tcp(host, _checked_port(port))
+
+    @staticmethod
+    def of_file(path: str) -> Unix:
+        """A unix socket at ``path``."""
+        return Unix(path)
+
+    @staticmethod
+    def of_fd(fd: int) -> Fd:
+        """An inherited listening socket (systemd socket activation: ``fd://N``)."""
+        return Fd(fd)
+
+
+class WhereToConnect:
+    """Constructors for the address a client connects to (Async's ``Where_to_connect``)."""
+
+    @staticmethod
+    def of_host_and_port(host: str, port: int) -> Tcp:
+        """``host`` (a name, resolved with gevent's resolver, or an IP literal), ``port``."""
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host must be a non-empty str, not {host!r}")
+        return Tcp(host, _checked_port(port))
+
+    @staticmethod
+    def of_file(path: str) -> Unix:
+        """A unix socket at ``path``."""
+        return Unix(path)
+
+
+def _checked_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"port must be an int, not {type(port).__name__}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, not {port}")
+    return port
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+class Server:
+    """A TCP or unix server (Async's ``Tcp.Server``); make one with :meth:`create` or
+    :meth:`create_sock`, which return once it is listening and accepting.
+
+    Resource handling: the server owns its listening socket (also a ``socket=`` passed
+    to it) and closes it on :meth:`close`; a unix path it bound is removed then. Each
+    connection is closed when its handler returns or raises. With ``sw``, cancelling
+    ``sw`` closes the server and its connections, and leaving ``sw``'s block waits until
+    the server was closed.
+
+    Error handling: bad arguments raise ``TypeError``/``ValueError`` naming the argument,
+    before any socket is created. A handler's exception goes to ``on_handler_error``.
+    """
+
+    __slots__ = ("__weakref__", "_acceptor", "_age_limit", "_close_finished", "_closed",
+                 "_error", "_handler", "_handlers_done", "_lsock", "_max", "_on_error",
+                 "_own_switch", "_sw")
+
+    def __init__(self, *_: object, **__: object) -> None:
+        raise TypeError("use tcp.Server.create(...) or tcp.Server.create_sock(...)")
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        where: object,
+        handler: Callable[[Any, Reader, Writer], object],
+        *,
+        on_handler_error: OnHandlerError = "raise",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_accepts_per_batch: int = 1,
+        backlog: int = DEFAULT_BACKLOG,
+        socket: Any = None,
+        buffer_age_limit: float | None = DEFAULT_BUFFER_AGE_LIMIT,
+        drop_incoming_connections: bool = False,
+        sw: Switch | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
+        proxy_protocol: bool = False,
+        idle_timeout: float | None = None,
+    ) -> Server:
+        """Listen on ``where`` and call ``handler(addr, reader, writer)`` for each
+        connection, in its own fiber. ``addr`` is the peer's ``Tcp``/``Unix`` address (the
+        PROXY header's source with ``proxy_protocol=True``).
+
+        ``on_handler_error``: ``"raise"`` (the server closes its listening socket, leaves
+        existing connections alone, and :meth:`serve_forever`/:meth:`wait` raise the
+        error; ``sw``, if given, fails with it), ``"ignore"``, or ``f(addr, exc)`` (if
+        ``f`` raises, as ``"raise"`` with ``f``'s exception). ``max_connections``: never
+        more handlers at once (no accept while at the limit). ``max_accepts_per_batch``:
+        connections taken per readiness wake-up. ``backlog``: the kernel's listen queue.
+        ``socket``: a socket to listen with, used as is (no ``setsockopt``; bound to
+        ``where`` unless already bound; the server owns it once ``create`` returned).
+        ``buffer_age_limit``: see :class:`~greenserve.stream.Writer` (``None``: no limit).
+        ``drop_incoming_connections``: see :meth:`set_drop_incoming_connections`.
+        ``ssl_context``, ``handshake_timeout``, ``proxy_protocol``, ``idle_timeout``: see
+        API.md section 10 (TLS and PROXY run in the connection's fiber).
+        """
+        age_limit = _checked_age_limit(buffer_age_limit)
+        return cls._create(where, handler, "create", on_handler_error, max_connections,
+                           max_accepts_per_batch, backlog, socket, drop_incoming_connections,
+                           sw, age_limit, ssl_context=ssl_context,
+                           handshake_timeout=handshake_timeout,
+                           proxy_protocol=proxy_protocol, idle_timeout=idle_timeout)
+
+    @classmethod
+    def create_sock(
+        cls,
+        where: object,
+        handler: Callable[[Any, Any], object],
+        *,
+        on_handler_error: OnHandlerError = "raise",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_accepts_per_batch: int = 1,
+        backlog: int = DEFAULT_BACKLOG,
+        socket: Any = None,
+        drop_incoming_connections: bool = False,
+        sw: Switch | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
+        proxy_protocol: bool = False,
+        idle_timeout: float | None = None,
+    ) -> Server:
+        """As :meth:`create`, but ``handler(addr, sock)`` gets the connected gevent
+        socket (an ``SSLSocket`` with ``ssl_context``); the server closes it when the
+        handler ends."""
+        return cls._create(where, handler, "create_sock", on_handler_error, max_connections,
+                           max_accepts_per_batch, backlog, socket, drop_incoming_connections,
+                           sw, None, ssl_context=ssl_context,
+                           handshake_timeout=handshake_timeout,
+                           proxy_protocol=proxy_protocol, idle_timeout=idle_timeout)
+
+    @classmethod
+    def _create(cls, where: object, handler: Callable[..., object], kind: str,
+                on_handler_error: object, max_connections: int, max_accepts_per_batch: int,
+                backlog: int, socket: Any, drop: bool, sw: Switch | None,
+                age_limit: float | None, **engine: Any) -> Server:
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        _check_on_handler_error(on_handler_error)
+        check_limits(max_connections, max_accepts_per_batch)
+        check_connection_options(engine["ssl_context"], engine["handshake_timeout"],
+                                 engine["proxy_protocol"], engine["idle_timeout"])
+        _check_backlog(backlog)
+        if not isinstance(drop, bool):
+            raise TypeError(f"drop_incoming_connections must be a bool, not "
+                            f"{type(drop).__name__}")
+        if sw is not None and not isinstance(sw, Switch):
+            raise TypeError(f"sw must be a Switch or None, not {type(sw).__name__}")
+        if sw is not None:
+            sw.check()  # a finished or cancelled switch takes no server
+        addr = parse_address(where, default_host="127.0.0.1")
+        if not isinstance(addr, (Tcp, Unix, Fd)):
+            raise ValueError(f"where: cannot listen on {addr}: a tcp, unix or fd address "
+                             f"is needed")
+        if socket is not None:
+            socket = _supplied_socket(socket)
+        lsock = _listen(addr, backlog, socket)
+        self = object.__new__(cls)
+        try:
+            self._setup(lsock, handler, kind, on_handler_error, max_connections,
+                        max_accepts_per_batch, drop, sw, age_limit, engine)
+        except BaseException:
+            lsock.close()
+            raise
+        return self
+
+    def _setup(self, lsock: ListeningSocket, handler: Callable[..., object], kind: str,
+               on_handler_error: object, max_connections: int, batch: int, drop: bool,
+               sw: Switch | None, age_limit: float | None, engine: dict[str, Any]) -> None:
+        self._lsock = lsock
+        self._handler = handler
+        self._on_error = on_handler_error
+        self._age_limit = age_limit
+        self._max = max_connections
+        self._error: BaseException | None = None
+        self._closed = False
+        self._close_finished = Event()
+        self._handlers_done = Event()
+        self._own_switch = sw is None
+        self._sw = Switch._detached(f"tcp.Server {lsock.address}") if sw is None else sw
+        serve = self._serve_streams if kind == "create" else self._serve_sock
+        self._acceptor = Acceptor(
+            [lsock.socket], serve, sw=self._sw, max_connections=max_connections,
+            max_accepts_per_batch=batch, drop_incoming=drop, on_error=self._handler_failed,
+            name=f"tcp.Server {lsock.address}", **engine)
+        try:
+            if sw is not None:
+                sw.fork(self._keep)
+            self._acceptor.start_accepting()
+        except BaseException:
+            self._acceptor.close(close_listeners=False)
+            raise
+
+    # -- one connection (runs in its fiber) -------------------------------------------
+
+    def _serve_sock(self, sock: Any, peer: Any) -> None:
+        self._handler(peer, sock)
+
+    def _serve_streams(self, sock: Any, peer: Any) -> None:
+        writer = Writer(sock, self._age_limit,
+                        on_failure=functools.partial(self._writer_failed, sock, peer))
+        reader = Reader(sock)
+        try:
+            self._handler(peer, reader, writer)
+        except (ConnectionReset, WriterBufferAgeExceeded) as exc:
+            if not _own_failure(exc, sock, writer):
+                raise
+            log.debug("%s: connection from %s ended: %s", self._acceptor.name, peer, exc)
+        finally:
+            try:
+                writer.close()
+            finally:
+                reader.close()
+
+    def _writer_failed(self, sock: Any, peer: Any, exc: BaseException) -> None:
+        # Runs in the hub. A peer that stopped reading holds a slot until the engine
+        # ends the connection; a reset peer is noticed by the handler's next read/write.
+        if isinstance(exc, WriterBufferAgeExceeded):
+            log.info("%s: %s stopped reading: %s; connection closed",
+                     self._acceptor.name, peer, exc)
+            self._acceptor.abort_connection(sock)
+
+    def _handler_failed(self, exc: Exception, peer: Any) -> None:
+        mode = self._on_error
+        if mode == "ignore":
+            log.debug("%s: handler failed (ignored)", self._acceptor.name, exc_info=exc)
+            return
+        if callable(mode):
+            try:
+                mode(peer, exc)
+                return
+            except Exception as raised:
+                add_note(raised, f"raised by on_handler_error for a connection from {peer}")
+                exc = raised
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        name = self._acceptor.name
+        if self._error is None:
+            self._error = exc
+            log.error("%s: handler failed; server closed (on_handler_error)", name,
+                      exc_info=exc)
+            self.close()
+        else:
+            log.error("%s: handler failed after the server closed", name, exc_info=exc)
+        if not self._own_switch:
+            self._sw.fail(exc)
+
+    def _keep(self) -> None:
+        # The server's place in the caller's switch: the switch waits for it like for a
+        # fiber, and cancelling the switch closes the server with its connections.
+        try:
+            self._close_finished.wait()
+        except BaseException:
+            self.close(close_existing_connections=True)
+            raise
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close(self, close_existing_connections: bool = False) -> Event:
+        """Stop accepting and close the listening socket; return :attr:`close_finished`.
+
+        Idempotent: every call returns the same Event. It is set once the listening
+        socket is closed and, with ``close_existing_connections=True``, every connection
+        socket too (clients see end of file; handlers are cancelled). A later call with
+        ``close_existing_connections=True`` still closes the connections (the Event is
+        not set again). The handler is never called after ``close()``.
+        """
+        if not isinstance(close_existing_connections, bool):
+            raise TypeError(f"close_existing_connections must be a bool, not "
+                            f"{type(close_existing_connections).__name__}")
+        if not self._closed:
+            self._closed = True
+            self._acceptor.close(close_listeners=False)
+            self._lsock.close()
+            self._acceptor.idle.rawlink(self._on_idle)
+            if not close_existing_connections:
+                self._close_finished.set()
+        if close_existing_connections:
+            self._acceptor.abort_connections()
+        return self._close_finished
+
+    def _on_idle(self, idle: Event) -> None:
+        # After close() no connection comes in: once idle, the acceptor stays idle.
+        idle.unlink(self._on_idle)
+        self._close_finished.set()
+        self._handlers_done.set()
+
+    @property
+    def close_finished(self) -> Event:
+        """The Event :meth:`close` returns, without starting a close."""
+        return self._close_finished
+
+    @property
+    def close_finished_and_handlers_determined(self) -> Event:
+        """Set once the server is closed and every handler has returned."""
+        return self._handlers_done
+
+    @property
+    def is_closed(self) -> bool:
+        """True once :meth:`close` was called (or the server failed)."""
+        return self._closed
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server is closed and its handlers have returned.
+
+        With ``on_handler_error="raise"``, the handler's error is raised as soon as the
+        listening socket is closed (connections still running are left alone). Returns
+        ``False`` if ``timeout`` seconds passed first. If the wait is interrupted (a
+        ``KeyboardInterrupt``, a cancellation), the server is closed with its
+        connections and the exception propagates.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            if not self._close_finished.wait(timeout):
+                return False
+            self._raise_error()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._handlers_done.wait(left):
+                return False
+        except BaseException:
+            self.close(close_existing_connections=True)
+            raise
+        if self._own_switch and not self._sw.finished:
+            self._sw._close()  # raises what escaped a handler (SystemExit...)
+        return True
+
+    def serve_forever(self) -> None:
+        """Serve until the server is closed (from another greenlet, a signal handler, a
+        failing handler); see :meth:`wait`."""
+        self.wait()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+        if ev is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except BaseException as exc:
+            if exc is not ev and exc is not self._error:
+                raise
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def num_connections(self) -> int:
+        """Connections whose handler is running (or whose socket is still open)."""
+        return self._acceptor.active
+
+    @property
+    def listening_on(self) -> int | str:
+        """The port (TCP) or path (unix) the server listens on."""
+        addr = self._lsock.address
+        return addr.port if isinstance(addr, Tcp) else addr.path
+
+    @property
+    def listening_on_address(self) -> Tcp | Unix:
+        """The address the listening socket is bound to (port 0 resolved)."""
+        return self._lsock.address
+
+    @property
+    def listening_socket(self) -> gsocket.socket:
+        """The listening gevent socket. Accepting on it directly bypasses
+        ``max_connections`` and ``on_handler_error``; use with care."""
+        return self._lsock.socket
+
+    def set_drop_incoming_connections(self, flag: bool) -> None:
+        """While ``flag`` is true, accept each new connection and close it at once (a
+        "pause" clients see as an immediate end of file rather than a hang in the
+        backlog). Dropped connections are never counted in ``num_connections``."""
+        if not isinstance(flag, bool):
+            raise TypeError(f"flag must be a bool, not {type(flag).__name__}")
+        self._acceptor.drop_incoming = flag
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``accepted``, ``active``, ``dropped``, ``handler_errors``,
+        ``accept_errors``, ``peak_active``, ``handshake_errors``, ``idle_timeouts``."""
+        return dict(self._acceptor.stats)
+
+    def invariant(self) -> None:
+        """Check the server's internal consistency; raise ``AssertionError`` if broken."""
+        acceptor = self._acceptor
+        checks = [
+            (0 <= acceptor.active <= self._max, "0 <= num_connections <= max_connections"),
+            (acceptor.active == len(acceptor._conns), "num_connections counts open sockets"),
+            (not self._closed or acceptor.closed, "a closed server's acceptor is closed"),
+            (not self._closed or self._lsock.closed, "a closed server's socket is closed"),
+            (not self._close_finished.is_set() or self._closed, "close_finished => closed"),
+            (not self._handlers_done.is_set() or (self._closed and not acceptor.active),
+             "handlers determined => closed and no connection"),
+            (self._error is None or self._closed, "a failed server is closed"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise AssertionError(f"{self!r}: invariant broken: {what}")
+
+    def __repr__(self) -> str:
+        if self._error is not None:
+            state = f"failed ({type(self._error).__name__})"
+        elif self._closed:
+            state = "closed"
+        elif self._acceptor.drop_incoming:
+            state = "dropping incoming"
+        else:
+            state = "listening"
+        return (f"<tcp.Server {self._lsock.address} {state} "
+                f"connections={self._acceptor.active}/{self._max}>")
+
+
+def _check_on_handler_error(value: object) -> None:
+    if value in ("raise", "ignore") or callable(value):
+        return
+    raise ValueError(f"on_handler_error must be 'raise', 'ignore' or a callable "
+                     f"f(addr, exc), not {value!r}")
+
+
+def _check_backlog(backlog: object) -> None:
+    if isinstance(backlog, bool) or not isinstance(backlog, int):
+        raise TypeError(f"backlog must be an int, not {type(backlog).__name__}")
+    if backlog < 0:
+        raise ValueError(f"backlog must be >= 0, not {backlog}")
+
+
+def _supplied_socket(sock: object) -> gsocket.socket:
+    if isinstance(sock, gsocket.socket):
+        if sock.fileno() < 0:
+            raise ValueError("socket is closed")
+        if sock.type != _stdsocket.SOCK_STREAM:
+            raise ValueError("socket must be a stream socket (SOCK_STREAM)")
+        return sock
+    raise TypeError(f"socket must be a gevent socket (gevent.socket.socket) or None, not "
+                    f"{type(sock).__name__}")
+
+
+def _listen(addr: ListenAddress, backlog: int, sock: gsocket.socket | None) -> ListeningSocket:
+    if sock is None:
+        return open_listener(addr, backlog=backlog, reuse_addr=True)
+    if isinstance(addr, Fd):
+        raise ValueError("where: an fd:// address and socket= both name a socket: pass one")
+    if sock.family != addr.family:
+        raise ValueError(f"socket's family ({sock.family!r}) does not match where ({addr})")
+    unlink = None
+    if not _is_bound(sock):
+        try:
+            unlink = _configure_and_bind(sock, addr, reuse_addr=False, reuse_port=False)
+        except OSError as exc:
+            add_note(exc, f"binding the supplied socket to {addr}")
+            raise
+    sock.listen(backlog)
+    return ListeningSocket(sock, unlink=unlink)
+
+
+def _is_bound(sock: gsocket.socket) -> bool:
+    name = sock.getsockname()
+    if sock.family == _stdsocket.AF_UNIX:
+        return bool(name)
+    return bool(name[1])
+
+
+def _own_failure(exc: BaseException, sock: Any, writer: Writer) -> bool:
+    """True if ``exc`` is this connection breaking (its writer's error, or a reset of
+    its own socket), not an error of something else the handler talked to."""
+    if exc is writer._error:
+        return True
+    if not isinstance(exc, ConnectionReset) or sock.family == _stdsocket.AF_UNIX:
+        return isinstance(exc, ConnectionReset) and writer.consumer_left.is_set()
+    try:
+        sock.getpeername()
+    except OSError as err:
+        return err.errno == errno.ENOTCONN  # a reset TCP socket has no peer any more
+    return False
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+def connect_sock(where: object, *, timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+                 interrupt: Event | None = None, ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> Any:
+    """Connect to ``where`` and return the connected gevent socket (an ``SSLSocket``
+    with ``ssl_context``). ``where``: ``WhereToConnect.of_host_and_port(host, port)``,
+    ``.of_file(path)``, or anything :func:`~greenserve.parse_address` takes; a host name
+    is resolved with gevent's resolver and its addresses tried in order.
+
+    ``timeout`` (seconds, ``None`` = none) bounds everything: resolution, the attempts
+    and the TLS handshake. ``server_hostname`` defaults to the host connected to.
+
+    Resource handling: the caller owns the returned socket. Error handling:
+    ``ConnectTimeout``, ``ConnectInterrupted`` (``interrupt`` was set first),
+    ``Refused``, ``AddressLookupFailed``, ``NoMatchingAddresses``, ``ssl.SSLError``;
+    each with a note naming the address. The socket is closed on every failure.
+    """
+    target = _connect_target(where)
+    timeout = _checked_timeout(timeout)
+    if interrupt is not None and not isinstance(interrupt, Event):
+        raise TypeError(f"interrupt must be a gevent.event.Event or None, not "
+                        f"{type(interrupt).__name__}")
+    _tls.check_context(ssl_context)
+    if server_hostname is not None and not isinstance(server_hostname, str):
+        raise TypeError(f"server_hostname must be a str or None, not "
+                        f"{type(server_hostname).__name__}")
+    with _bounded(target, timeout, interrupt):
+        sock = _connect_plain(target)
+        if ssl_context is None:
+            return sock
+        hostname = server_hostname
+        if hostname is None and isinstance(target, Tcp):
+            hostname = target.host
+        return _tls.client_side(sock, ssl_context, hostname, None)
+
+
+def connect(where: object, *, timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+            interrupt: Event | None = None,
+            buffer_age_limit: float | None = DEFAULT_BUFFER_AGE_LIMIT,
+            ssl_context: ssl.SSLContext | None = None,
+            server_hostname: str | None = None) -> tuple[Any, Reader, Writer]:
+    """:func:`connect_sock`, then a ``Reader`` and a ``Writer`` over the socket.
+
+    Resource handling: the caller closes them: ``writer.close()`` (flushes), then
+    ``reader.close()`` (which closes the socket); or use :func:`with_connection`.
+    """
+    age_limit = _checked_age_limit(buffer_age_limit)
+    sock = connect_sock(where, timeout=timeout, interrupt=interrupt, ssl_context=ssl_context,
+                        server_hostname=server_hostname)
+    return sock, Reader(sock), Writer(sock, age_limit)
+
+
+def with_connection(where: object, fn: Callable[[Any, Reader, Writer], T], *,
+                    timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+                    interrupt: Event | None = None,
+                    buffer_age_limit: float | None = DEFAULT_BUFFER_AGE_LIMIT,
+                    ssl_context: ssl.SSLContext | None = None,
+                    server_hostname: str | None = None) -> T:
+    """Connect (as :func:`connect`), return ``fn(sock, reader, writer)``'s value; the
+    writer (flushed), reader and socket are closed after, also when ``fn`` raises."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    sock, reader, writer = connect(where, timeout=timeout, interrupt=interrupt,
+                                   buffer_age_limit=buffer_age_limit,
+                                   ssl_context=ssl_context, server_hostname=server_hostname)
+    try:
+        return fn(sock, reader, writer)
+    finally:
+        try:
+            writer.close()
+        finally:
+            reader.close()
+            sock.close()
+
+
+def _connect_target(where: object) -> Tcp | Unix:
+    target = parse_address(where)
+    if not isinstance(target, (Tcp, Unix)):
+        raise ValueError(f"where: cannot connect to {target}: a tcp or unix address is needed")
+    return target
+
+
+def _checked_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not "
+                        f"{type(timeout).__name__}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0, not {timeout}")
+    return float(timeout)
+
+
+def _connect_plain(target: Tcp | Unix) -> gsocket.socket:
+    # net's connectors: one attempt for an IP literal or a path, each resolved address
+    # in order for a name. They close the socket on any failure, BaseException included.
+    if isinstance(target, Tcp) and not _is_ip(target.host):
+        flow = _connect_sequential(target.host, str(target.port), None)
+    else:
+        flow = connect_flow(target, None)
+    return flow.socket
+
+
+class _Interrupted(BaseException):
+    """Thrown into the connecting greenlet when ``interrupt`` is set (private)."""
+
+
+@contextmanager
+def _bounded(target: Tcp | Unix, timeout: float | None,
+             interrupt: Event | None) -> Iterator[None]:
+    """Run the block under the deadline and the interrupt; turn them into
+    ``ConnectTimeout``/``ConnectInterrupted`` noting ``target``."""
+    note = f"connecting to {target}"
+    if interrupt is not None and interrupt.is_set():
+        exc: OSError = ConnectInterrupted(f"interrupted before connecting to {target}")
+        add_note(exc, note)
+        raise exc
+    deadline = gevent.Timeout(timeout)
+    token = _Interrupted()
+    me = getcurrent()
+    armed = True
+
+    def fire(_event: Event) -> None:
+        if armed:
+            me.throw(token)
+
+    if interrupt is not None:
+        interrupt.rawlink(fire)
+    deadline.start()
+    try:
+        yield
+    except _Interrupted as exc:
+        if exc is not token:
+            raise
+        new: OSError = ConnectInterrupted(f"interrupted while connecting to {target}")
+        add_note(new, note)
+        raise new from None
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise
+        new = ConnectTimeout(errno.ETIMEDOUT, f"no connection within timeout={timeout} s")
+        add_note(new, note)
+        raise new from None
+    finally:
+        armed = False
+        deadline.close()
+        if interrupt is not None:
+            interrupt.unlink(fire)
