@@ -19,7 +19,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from greenserve import Switch, Tcp, net
+from greenserve import Switch, Tcp, net, tcp
 from greenserve._acceptor import Acceptor
 from greenserve.flow import open_listener
 from greenserve.server import StreamServer
@@ -199,6 +199,24 @@ def net_server(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Ser
             yield Served(lsock.address.port, dict, lambda: -1, errors)
         finally:
             stop.set()
+
+
+@contextmanager
+def tcp_server(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Served]:
+    """``tcp.Server.create_sock`` on 127.0.0.1 with ``handler(sock, peer)`` (the order
+    of the other faces); handler errors are collected through a callable
+    ``on_handler_error``. Closes everything (connections too) on exit."""
+    errors: list[tuple[BaseException, Any]] = []
+    server = tcp.Server.create_sock(
+        tcp.WhereToListen.bind_to("127.0.0.1", 0), lambda peer, sock: handler(sock, peer),
+        on_handler_error=lambda peer, exc: errors.append((exc, peer)), backlog=BACKLOG,
+        **kw)
+    try:
+        yield Served(int(server.listening_on), server.stats, lambda: server.num_connections,
+                     errors, server.set_drop_incoming_connections)
+    finally:
+        server.close(close_existing_connections=True)
+        server.wait(5)
 
 
 # -- clients ---------------------------------------------------------------------------------

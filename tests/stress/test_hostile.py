@@ -9,8 +9,9 @@
 Meanwhile normal clients (plain and TLS) make round trips; none of them waits for a
 hostile one: the slowest round trip stays far below the hostile timeouts.
 
-``tcp.Server`` has not landed yet: the server is the engine with the ``Reader`` and
-``Writer`` that ``tcp.Server`` hands its handlers.
+The first test runs them against the engine with a ``Reader`` and ``Writer`` made by
+the handler; the second against ``tcp.Server.create``, which makes them itself and
+ends a never-reading client's connection without the handler's help.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gevent import socket as gsocket
 from gevent import ssl as gssl
 from gevent.event import Event
 
-from greenserve import LineTooLong, Reader, Writer, WriterBufferAgeExceeded
+from greenserve import LineTooLong, Reader, Writer, WriterBufferAgeExceeded, tcp
 
 from .support import connect, engine, recv_exactly, wait_until
 
@@ -227,3 +228,64 @@ def test_hostile_clients_are_cut_and_delay_nobody(certs: Any, record_property: A
     # Nobody waited for them: the slowest normal round trip is far below every cut.
     assert len(plain_rtts) > 100 and len(tls_rtts) > 50
     assert max(plain_rtts + tls_rtts) < min(IDLE_TIMEOUT, AGE_LIMIT, HANDSHAKE_TIMEOUT) / 2
+
+
+def tcp_line_server(cuts: list[Cut], errors: list[BaseException]) -> tcp.Server:
+    """``line_server`` on ``tcp.Server.create``: the server makes the Reader and the
+    Writer (``buffer_age_limit=AGE_LIMIT``) and ends a connection whose peer stopped
+    reading by itself; the handler only records how its connection ended."""
+    def handler(peer: Any, reader: Reader, writer: Writer) -> None:
+        began = time.monotonic()
+        try:
+            while (line := reader.read_line(max_length=MAX_LINE)) is not None:
+                if line == b"FLOOD":
+                    flood(writer_socket(writer), writer)
+                writer.write(line + b"\n")
+        except (LineTooLong, WriterBufferAgeExceeded) as exc:
+            now = time.monotonic()
+            cuts.append(Cut(peer.port, type(exc).__name__, now - began, now))
+            raise
+    return tcp.Server.create(tcp.WhereToListen.bind_to("127.0.0.1", 0), handler,
+                             on_handler_error=lambda peer, exc: errors.append(exc),
+                             buffer_age_limit=AGE_LIMIT,
+                             backlog=1024)
+
+
+def writer_socket(writer: Writer) -> Any:
+    return writer._sock  # only to shrink its send buffer (see flood)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(40)
+def test_tcp_server_cuts_never_readers_and_long_lines_and_keeps_serving() -> None:
+    cuts: list[Cut] = []
+    errors: list[BaseException] = []
+    stop = Event()
+    big: list[float] = []
+    rtts: list[float] = []
+    with tcp_line_server(cuts, errors) as server:
+        port = int(server.listening_on)
+        hostile = []
+        for _ in range(PER_KIND):
+            hostile += [gevent.spawn(never_reads, port, stop, cuts),
+                        gevent.spawn(oversized, port, stop, big)]
+        wait_until(lambda: server.num_connections >= PER_KIND, 5, "hostile clients in")
+        normal = gevent.spawn(normal_round_trips, lambda: connect(port), rtts, b"tcp")
+        gevent.joinall([normal], timeout=WINDOW + 10, raise_error=True)
+        stop.set()
+        gevent.joinall(hostile, timeout=10, raise_error=True)
+        wait_until(lambda: server.num_connections == 0, 5, "every slot freed")
+        stats = server.stats()
+        server.close()
+
+    flood_cuts = [cut.lasted for cut in cuts if cut.kind == "WriterBufferAgeExceeded"]
+    print(f"tcp.Server hostile: never_reader_cut_s={summary(flood_cuts)} "
+          f"oversized_cut_s={summary(big)} rtt={summary(rtts)} stats={stats}")
+    assert len(flood_cuts) >= PER_KIND
+    assert all(d < AGE_LIMIT * 1.25 + 0.5 for d in flood_cuts), flood_cuts
+    assert big and all(d < IDLE_TIMEOUT for d in big), big
+    # A peer that stopped reading is the connection's own end, not a handler error;
+    # a line over max_length is (the handler chose not to catch it).
+    assert {type(exc) for exc in errors} == {LineTooLong}
+    assert stats["handler_errors"] == len(errors) == len(big)
+    assert len(rtts) > 100 and max(rtts) < AGE_LIMIT / 2

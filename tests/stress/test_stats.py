@@ -11,7 +11,7 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from .support import Gauge, connect, engine, recv_exactly, stream_server, wait_until
+from .support import Gauge, connect, engine, recv_exactly, stream_server, tcp_server, wait_until
 
 LIMIT = 5
 HELD = 9         # clients held in the handler at once: LIMIT run, the rest wait
@@ -65,9 +65,9 @@ def bad_header(port: int) -> bytes:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("face", ["engine", "StreamServer"])
+@pytest.mark.parametrize("face", ["engine", "StreamServer", "tcp.Server"])
 def test_stats_are_exact_after_a_scripted_run(face: str, monkeypatch: Any) -> None:
-    start = {"engine": engine, "StreamServer": stream_server}[face]
+    start = {"engine": engine, "StreamServer": stream_server, "tcp.Server": tcp_server}[face]
     # StreamServer reports handler errors to the hub, as gevent does: declare ours
     # expected so that the hub does not print a traceback for each.
     hub = gevent.get_hub()
