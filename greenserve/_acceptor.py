@@ -14,7 +14,7 @@ Design rules:
 - A connection is counted from the moment it is accepted until its fiber has closed
   its socket. Dropped connections (``drop_incoming``) are closed at once, never counted.
 - Running out of fds (EMFILE/ENFILE) or memory (ENOBUFS/ENOMEM) stops the watchers
-  for a back-off (10 ms doubling to 1 s); a finishing connection resumes at once.
+  for a back-off (10 ms doubling to 0.5 s); a finishing connection resumes at once.
   These errors are logged at most once per ``LOG_INTERVAL``, with a count.
 - After :meth:`close` has started, no handler is called: a fiber that has not started
   yet closes its socket instead.
@@ -70,9 +70,12 @@ _FATAL = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 
 # Back-off after a resource error: short enough that a freed fd is used quickly
 # (a finishing connection also resumes at once), doubling to a cap that keeps a
-# persistently exhausted process from spinning.
+# persistently exhausted process from spinning. The cap is half a second: fds freed by
+# something other than our connections (another part of the process, a log rotation)
+# are only noticed by this timer, and a server must accept again within 1 s of that
+# (two wake-ups per second of an exhausted process cost nothing measurable).
 MIN_BACKOFF = 0.01
-MAX_BACKOFF = 1.0
+MAX_BACKOFF = 0.5
 # At most one log line per kind of accept error per this many seconds.
 LOG_INTERVAL = 5.0
 

@@ -176,7 +176,7 @@ def test_out_of_fds_by_other_means_resumes_within_the_backoff_cap(record_propert
     with fd_limited_server(FD_LIMIT) as server:
         assert server.command("fill") > 0
         clients = [gevent.spawn(client, server.port, i) for i in range(5)]
-        # 8 failures: the back-off has doubled from 10 ms up to its cap.
+        # 8 failures: the back-off has doubled from 10 ms up to its cap (0.5 s).
         wait_until(lambda: server.stats()["accept_errors"] >= 8, 15, "back-off at its cap")
         assert not served_at
         freed = time.monotonic()
@@ -188,7 +188,7 @@ def test_out_of_fds_by_other_means_resumes_within_the_backoff_cap(record_propert
         server.stop()
     assert len(delays) == 5 and final["accepted"] == 5
     assert len(accept_failures(server.log)) == 1
-    assert delays[-1] <= MAX_BACKOFF + 0.3, delays
+    assert delays[-1] <= MAX_BACKOFF + 0.3 <= 1.0, delays
     figures = {"accept_errors": final["accept_errors"],
                "first_served_s": round(delays[0], 4), "last_served_s": round(delays[-1], 4)}
     record_property("figures", figures)
