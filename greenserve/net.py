@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket as _stdsocket
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,7 @@ import gevent.os
 from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
+from . import _tls
 from ._acceptor import Acceptor, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
@@ -304,7 +306,9 @@ def connect_flow(addr: Tcp | Unix, timeout: float | None) -> Flow:
 
 @contextmanager
 def with_tcp_connect(host: str, service: str | int, *, timeout: float | None = None,
-                     happy_eyeballs_delay: float | None = None) -> Iterator[Flow]:
+                     happy_eyeballs_delay: float | None = None,
+                     ssl_context: ssl.SSLContext | None = None,
+                     server_hostname: str | None = None) -> Iterator[Flow]:
     """Connect to ``host``/``service`` and yield the flow; it is closed on exit.
 
     Tries the ``getaddrinfo`` stream addresses in order, ``timeout`` seconds per
@@ -312,6 +316,9 @@ def with_tcp_connect(host: str, service: str | int, *, timeout: float | None = N
     ones in its notes (``NoMatchingAddresses`` when nothing resolves to TCP).
     ``happy_eyeballs_delay`` (seconds) starts the attempts staggered and in parallel,
     families interleaved, as RFC 8305 describes; the first to connect wins.
+    ``ssl_context``: the flow speaks TLS; the handshake (checking ``server_hostname``,
+    default ``host``) is bounded by ``timeout`` and closes the socket if it fails
+    (``ssl.SSLError``, or ``TimeoutError``).
     """
     if not isinstance(host, str) or not host:
         raise ValueError(f"host must be a non-empty str, not {host!r}")
@@ -319,10 +326,17 @@ def with_tcp_connect(host: str, service: str | int, *, timeout: float | None = N
         raise TypeError(f"service must be a str or int, not {type(service).__name__}")
     timeout = _check_timeout("timeout", timeout)
     delay = _check_timeout("happy_eyeballs_delay", happy_eyeballs_delay)
+    _tls.check_context(ssl_context)
+    if server_hostname is not None and not isinstance(server_hostname, str):
+        raise TypeError(f"server_hostname must be a str or None, not "
+                        f"{type(server_hostname).__name__}")
     if delay is None:
         flow = _connect_sequential(host, str(service), timeout)
     else:
         flow = _connect_happy_eyeballs(host, str(service), timeout, delay)
+    if ssl_context is not None:
+        tls = _tls.client_side(flow.socket, ssl_context, server_hostname or host, timeout)
+        flow = Flow(tls, peer=flow.peer)
     with flow:
         yield flow
 

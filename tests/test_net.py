@@ -654,3 +654,37 @@ def test_listening_socket_context_manager_and_repr() -> None:
             assert str(lsock.address) in repr(lsock)
         assert lsock.closed
         lsock.close()  # idempotent
+
+
+# -- with_tcp_connect over TLS ------------------------------------------------------------------
+
+
+def test_with_tcp_connect_speaks_tls_and_checks_the_host_name(certs: Any) -> None:
+    import ssl
+
+    from greenserve import StreamServer
+
+    def handle(sock: Any, addr: Any) -> None:
+        sock.sendall(sock.recv(100).upper())
+
+    server = StreamServer(("127.0.0.1", 0), handle, ssl_context=certs.server_context())
+    server.start()
+    try:
+        port = server.server_port
+        with net.with_tcp_connect("127.0.0.1", port, timeout=5,
+                                  ssl_context=certs.client_context(),
+                                  server_hostname="localhost") as flow:
+            flow.write(b"secret")
+            assert flow.read() == b"SECRET"
+            assert flow.socket.version() is not None  # a TLS socket
+        wrong_name = net.with_tcp_connect("127.0.0.1", port, timeout=5,
+                                          ssl_context=certs.client_context(),
+                                          server_hostname="not-this-host")
+        with pytest.raises(ssl.SSLCertVerificationError), wrong_name:
+            pass
+        not_a_context = net.with_tcp_connect("127.0.0.1", port,
+                                             ssl_context=object())  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="ssl_context"), not_a_context:
+            pass
+    finally:
+        server.stop()
