@@ -377,8 +377,8 @@ class Writer:
     """
 
     __slots__ = ("_age_limit", "_age_marks", "_buf", "_callback", "_closed", "_consumer_left",
-                 "_error", "_fd", "_flushers", "_loop", "_on_failure", "_peer_left", "_sent",
-                 "_sock", "_state", "_timer", "_watcher", "_written")
+                 "_error", "_fd", "_flushers", "_head", "_loop", "_on_failure", "_peer_left",
+                 "_raw", "_sent", "_sock", "_state", "_timer", "_watcher", "_written")
 
     def __init__(self, sock: gsocket.socket,
                  buffer_age_limit: float | None = DEFAULT_BUFFER_AGE_LIMIT, *,
@@ -391,9 +391,15 @@ class Writer:
         if fd < 0:
             raise ValueError("sock is closed")
         self._sock = sock
+        # A plain gevent socket's non-blocking stdlib socket sends without gevent's
+        # wrapper; a TLS socket must go through its SSL object.
+        self._raw: Any = sock._sock if type(sock) is gsocket.socket else None
         self._fd: int = fd
         self._loop = gevent.get_hub().loop
         self._buf = bytearray()
+        # A bytes object written while nothing was pending is kept as is (no copy into
+        # _buf) until the hub sends it; while _head is set, _buf is empty.
+        self._head: bytes | None = None
         self._state = _IDLE
         self._callback: Any = None   # the scheduled hub callback (_SCHEDULED)
         self._watcher: Any = None    # io watcher, created on the first stall, then reused
@@ -411,7 +417,7 @@ class Writer:
     def __repr__(self) -> str:
         state = ("closed" if self._closed else "failed" if self._error is not None
                  else ("idle", "scheduled", "waiting")[self._state])
-        return f"<Writer {state} written={self._written} pending={len(self._buf)}>"
+        return f"<Writer {state} written={self._written} pending={self.bytes_pending}>"
 
     # -- state --------------------------------------------------------------------------
 
@@ -428,7 +434,8 @@ class Writer:
     @property
     def bytes_pending(self) -> int:
         """Bytes buffered, not yet in the kernel (0 after failure or close: dropped)."""
-        return len(self._buf)
+        head = self._head
+        return len(self._buf) + (len(head) if head is not None else 0)
 
     @property
     def consumer_left(self) -> Event:
@@ -453,13 +460,23 @@ class Writer:
         if self._error is not None or self._closed:
             self._raise_unusable()
         buf = self._buf
-        before = len(buf)
-        try:
-            buf += data
-        except TypeError:
-            raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
-        self._written += len(buf) - before
-        if self._state == _IDLE and buf:
+        head = self._head
+        if type(data) is bytes and head is None and not buf:
+            self._head = data  # immutable: nothing to copy (the common echo case)
+            self._written += len(data)
+            pending = bool(data)
+        else:
+            if head is not None:
+                buf += head  # a second write in this hub iteration: coalesce
+                self._head = None
+            before = len(buf)
+            try:
+                buf += data
+            except TypeError:
+                raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
+            self._written += len(buf) - before
+            pending = bool(buf)
+        if self._state == _IDLE and pending:
             self._state = _SCHEDULED
             self._callback = self._loop.run_callback(self._on_scheduled)
 
@@ -515,16 +532,28 @@ class Writer:
     def _send(self) -> None:
         """Send what the kernel takes now; then go idle or wait for writability."""
         buf = self._buf
+        head = self._head
+        data = buf if head is None else head
+        raw = self._raw
         try:
-            # timeout=0.0: gevent raises instead of waiting (we run in the hub).
-            sent = self._sock.send(buf, 0, 0.0)
+            if raw is not None and self._sock._sock is raw:
+                sent = raw.send(data)
+            else:
+                # TLS, or closed by gevent (whose send raises EBADF then; the raw socket
+                # may not be closed yet). timeout=0.0: raise instead of waiting (hub).
+                sent = self._sock.send(data, 0, 0.0)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             self._fail(_translated(exc))
             return
-        if sent:
+        if head is not None:
+            self._head = None
+            if sent < len(head):
+                buf += memoryview(head)[sent:]
+        elif sent:
             del buf[:sent]
+        if sent:
             self._sent += sent
             if self._flushers:
                 self._wake_flushers()
@@ -577,7 +606,8 @@ class Writer:
         if marks and now - marks[0][0] >= limit:
             self._shutdown_socket()
             self._fail(WriterBufferAgeExceeded(
-                f"{len(self._buf)} bytes unsent for more than buffer_age_limit={limit} s: "
+                f"{self.bytes_pending} bytes unsent for more than "
+                f"buffer_age_limit={limit} s: "
                 f"the peer stopped reading"))
         else:
             marks.append((now, self._written))
@@ -650,6 +680,7 @@ class Writer:
             self._callback = None
         self._become_idle()
         self._buf.clear()
+        self._head = None
 
     def _release(self) -> None:
         self._stop_sending()

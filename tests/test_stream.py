@@ -512,6 +512,22 @@ def test_write_never_blocks_even_when_the_peer_does_not_read(stall_pair: Pair) -
     writer.close()
 
 
+def test_writes_after_a_partly_sent_write_keep_their_order(stall_pair: Pair) -> None:
+    a, b = stall_pair
+    writer = Writer(a)
+    data = pattern(BIG)
+    writer.write(data)  # kept without a copy until the hub sends it
+    gevent.idle()  # the hub sent what the kernel took: the rest waits for writability
+    assert 0 < writer.bytes_pending < len(data)
+    writer.write(b"tail")
+    writer.write(bytearray(b"!"))
+    assert writer.bytes_pending > 5
+    assert recv_exactly(b, len(data) + 5) == data + b"tail!"
+    writer.flush()
+    assert writer.bytes_pending == 0
+    writer.close()
+
+
 def test_flush_waits_until_everything_is_in_the_kernel(stall_pair: Pair) -> None:
     a, b = stall_pair
     writer = Writer(a)
