@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gevent import subprocess
@@ -55,3 +56,101 @@ def test_udp_echo_example() -> None:
             assert c.recvfrom(100) == (b"ping", ("127.0.0.1", port))
     finally:
         stop(proc)
+
+
+def kv_connect(port: int) -> tuple[socket.socket, Any]:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return conn, conn.makefile("rb")
+
+
+def ask(conn: socket.socket, lines: Any, command: bytes) -> bytes:
+    conn.sendall(command + b"\n")
+    answer = lines.readline()
+    assert answer.endswith(b"\n"), (command, answer)
+    return answer[:-1]
+
+
+def assert_closed_by_server(lines: Any) -> None:
+    # End of file; or a reset, when the server closed with bytes of ours left unread.
+    try:
+        assert lines.read() == b""
+    except ConnectionResetError:
+        pass
+
+
+def stop_kv(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err, err.decode()
+    assert out.endswith(b"stopped\n"), out
+    return err.decode()
+
+
+@pytest.mark.no_leak_check
+@pytest.mark.timeout(30)
+def test_kv_server_example() -> None:
+    proc, addr = run_example("kv_server.py", "--bind", "127.0.0.1:0", "--grace", "30")
+    port = int(addr.rsplit(":", 1)[1])
+    try:
+        conn, lines = kv_connect(port)
+        with conn, lines:
+            for command, answer in [
+                (b"SET a 1", b"OK"),
+                (b"set b hello world", b"OK"),            # commands are case-insensitive
+                (b"GET b", b"VALUE hello world"),
+                (b"GET missing", b"NOT_FOUND"),
+                (b"KEYS", b"KEYS a b"),
+                (b"DEL a", b"DELETED"),
+                (b"DEL a", b"NOT_FOUND"),
+                (b"KEYS", b"KEYS b"),
+                (b"FLY away", b"ERR unknown command 'FLY'"),
+                (b"GET", b"ERR usage: GET key"),
+                (b"\xff", b"ERR line is not UTF-8"),
+            ]:
+                assert ask(conn, lines, command) == answer
+            assert ask(conn, lines, b"QUIT") == b"BYE"
+            assert_closed_by_server(lines)
+
+        conn, lines = kv_connect(port)                  # one store for every client
+        with conn, lines:
+            assert ask(conn, lines, b"GET b") == b"VALUE hello world"
+            assert ask(conn, lines, b"SET big " + b"x" * 2000) == b"ERR line too long"
+            assert_closed_by_server(lines)
+
+        # SIGTERM: the listening socket is closed at once, open clients are still served
+        # during the grace period, and the server exits as soon as the last one quits.
+        conn, lines = kv_connect(port)
+        with conn, lines:
+            assert ask(conn, lines, b"SET c 3") == b"OK"
+            proc.terminate()
+            assert proc.stdout.readline() == b"stopping: 1 connection(s) open, 30.0 s to finish\n"
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
+            assert ask(conn, lines, b"KEYS") == b"KEYS b c"
+            assert ask(conn, lines, b"QUIT") == b"BYE"
+            assert_closed_by_server(lines)
+        err = stop_kv(proc)
+        assert "sent a line longer than 1024 bytes: closing" in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.no_leak_check
+@pytest.mark.timeout(30)
+def test_kv_server_example_closes_lingering_connections_after_grace() -> None:
+    proc, addr = run_example("kv_server.py", "--bind", "127.0.0.1:0", "--grace", "0.2")
+    port = int(addr.rsplit(":", 1)[1])
+    try:
+        conn, lines = kv_connect(port)
+        with conn, lines:
+            assert ask(conn, lines, b"SET k v") == b"OK"
+            proc.terminate()
+            assert proc.stdout.readline() == b"stopping: 1 connection(s) open, 0.2 s to finish\n"
+            assert lines.read() == b""                  # closed by the server after 0.2 s
+        assert "closing 1 connection(s) still open" in stop_kv(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
