@@ -43,7 +43,6 @@ from .errors import (
     IncompleteRead,
     LineTooLong,
     WriterBufferAgeExceeded,
-    reraise,
     translate,
 )
 from .flow import DEFAULT_READ_SIZE, _receive
@@ -120,7 +119,7 @@ class Reader:
     int raises ``TypeError``, one out of range ``ValueError``.
     """
 
-    __slots__ = ("_buf", "_closed", "_drained", "_eof", "_plain", "_pos", "_sock")
+    __slots__ = ("_buf", "_closed", "_drained", "_eof", "_error", "_plain", "_pos", "_sock")
 
     def __init__(self, sock: gsocket.socket) -> None:
         self._sock = sock
@@ -128,6 +127,7 @@ class Reader:
         self._pos = 0          # bytes before this offset were consumed
         self._eof = False      # recv returned b"": it never returns data again
         self._closed = False
+        self._error: BaseException | None = None  # the reset this socket's recv raised
         # As in Flow: after a short recv the kernel buffer is almost surely empty, so
         # the next one waits for readability first rather than failing with EAGAIN.
         # Not for TLS sockets, whose SSL object can hold decrypted bytes.
@@ -281,7 +281,11 @@ class Reader:
             else:
                 data = self._sock.recv(size)
         except OSError as exc:
-            reraise(exc)
+            new = translate(exc)
+            if new is exc:
+                raise
+            self._error = new  # lets a server tell this socket's reset from others
+            raise new from exc
         self._drained = self._plain and 0 < len(data) < size
         return data
 

@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
 
 import gevent
-from gevent import getcurrent
+from gevent import GreenletExit, getcurrent
 from gevent import socket as gsocket
 from gevent.event import Event
 
@@ -179,7 +179,7 @@ class Server:
         handler: Callable[[Any, Reader, Writer], object],
         *,
         on_handler_error: OnHandlerError = "raise",
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
         max_accepts_per_batch: int = 1,
         backlog: int = DEFAULT_BACKLOG,
         socket: Any = None,
@@ -199,7 +199,8 @@ class Server:
         existing connections alone, and :meth:`serve_forever`/:meth:`wait` raise the
         error; ``sw``, if given, fails with it), ``"ignore"``, or ``f(addr, exc)`` (if
         ``f`` raises, as ``"raise"`` with ``f``'s exception). ``max_connections``: never
-        more handlers at once (no accept while at the limit). ``max_accepts_per_batch``:
+        more handlers at once (no accept while at the limit; ``None``: no limit).
+        ``max_accepts_per_batch``:
         connections taken per readiness wake-up. ``backlog``: the kernel's listen queue.
         ``socket``: a socket to listen with, used as is (no ``setsockopt``; bound to
         ``where`` unless already bound; the server owns it once ``create`` returned).
@@ -222,7 +223,7 @@ class Server:
         handler: Callable[[Any, Any], object],
         *,
         on_handler_error: OnHandlerError = "raise",
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
         max_accepts_per_batch: int = 1,
         backlog: int = DEFAULT_BACKLOG,
         socket: Any = None,
@@ -244,7 +245,7 @@ class Server:
 
     @classmethod
     def _create(cls, where: object, handler: Callable[..., object], kind: str,
-                on_handler_error: object, max_connections: int, max_accepts_per_batch: int,
+                on_handler_error: object, max_connections: int | None, max_accepts_per_batch: int,
                 backlog: int, socket: Any, drop: bool, sw: Switch | None,
                 age_limit: float | None, **engine: Any) -> Server:
         if not callable(handler):
@@ -278,7 +279,7 @@ class Server:
         return self
 
     def _setup(self, lsock: ListeningSocket, handler: Callable[..., object], kind: str,
-               on_handler_error: object, max_connections: int, batch: int, drop: bool,
+               on_handler_error: object, max_connections: int | None, batch: int, drop: bool,
                sw: Switch | None, age_limit: float | None, engine: dict[str, Any]) -> None:
         self._lsock = lsock
         self._handler = handler
@@ -307,7 +308,15 @@ class Server:
     # -- one connection (runs in its fiber) -------------------------------------------
 
     def _serve_sock(self, sock: Any, peer: Any) -> None:
-        self._handler(peer, sock)
+        try:
+            self._handler(peer, sock)
+        except Exception:
+            raise  # the engine reports it to _handler_failed
+        except GreenletExit:
+            raise  # cancelled: not a failure
+        except BaseException as exc:
+            self._escaped(exc, peer)
+            raise
 
     def _serve_streams(self, sock: Any, peer: Any) -> None:
         writer = Writer(sock, self._age_limit,
@@ -316,14 +325,28 @@ class Server:
         try:
             self._handler(peer, reader, writer)
         except (ConnectionReset, WriterBufferAgeExceeded) as exc:
-            if not _own_failure(exc, sock, writer):
+            if not _own_failure(exc, sock, reader, writer):
                 raise
             log.debug("%s: connection from %s ended: %s", self._acceptor.name, peer, exc)
+        except Exception:
+            raise
+        except GreenletExit:
+            raise
+        except BaseException as exc:
+            self._escaped(exc, peer)
+            raise
         finally:
             try:
                 writer.close()
             finally:
                 reader.close()
+
+    def _escaped(self, exc: BaseException, peer: Any) -> None:
+        # A BaseException (an uncaught gevent.Timeout, SystemExit...) is no handler error
+        # on_handler_error may ignore: it fails the server whatever the mode. Its switch
+        # (the caller's, or the server's own) then cancels the other connections.
+        add_note(exc, f"escaped the handler of a connection from {peer}")
+        self._fail(exc)
 
     def _writer_failed(self, sock: Any, peer: Any, exc: BaseException) -> None:
         # Runs in the hub. A peer that stopped reading holds a slot until the engine
@@ -351,8 +374,7 @@ class Server:
         name = self._acceptor.name
         if self._error is None:
             self._error = exc
-            log.error("%s: handler failed; server closed (on_handler_error)", name,
-                      exc_info=exc)
+            log.error("%s: handler failed; server closed", name, exc_info=exc)
             self.close()
         else:
             log.error("%s: handler failed after the server closed", name, exc_info=exc)
@@ -427,8 +449,13 @@ class Server:
         try:
             if not self._close_finished.wait(timeout):
                 return False
-            self._raise_error()
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        except BaseException:
+            self.close(close_existing_connections=True)
+            raise
+        if self._error is not None:
+            raise self._error  # outside the try: the live connections are left alone
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
             if not self._handlers_done.wait(left):
                 return False
         except BaseException:
@@ -442,10 +469,6 @@ class Server:
         """Serve until the server is closed (from another greenlet, a signal handler, a
         failing handler); see :meth:`wait`."""
         self.wait()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
 
     def __enter__(self) -> Server:
         return self
@@ -503,7 +526,8 @@ class Server:
         """Check the server's internal consistency; raise ``AssertionError`` if broken."""
         acceptor = self._acceptor
         checks = [
-            (0 <= acceptor.active <= self._max, "0 <= num_connections <= max_connections"),
+            (0 <= acceptor.active <= (acceptor.active if self._max is None else self._max),
+             "0 <= num_connections <= max_connections"),
             (acceptor.active == len(acceptor._conns), "num_connections counts open sockets"),
             (not self._closed or acceptor.closed, "a closed server's acceptor is closed"),
             (not self._closed or self._lsock.closed, "a closed server's socket is closed"),
@@ -526,7 +550,7 @@ class Server:
         else:
             state = "listening"
         return (f"<tcp.Server {self._lsock.address} {state} "
-                f"connections={self._acceptor.active}/{self._max}>")
+                f"connections={self._acceptor.active}/{self._max or 'unlimited'}>")
 
 
 def _check_on_handler_error(value: object) -> None:
@@ -579,10 +603,10 @@ def _is_bound(sock: gsocket.socket) -> bool:
     return bool(name[1])
 
 
-def _own_failure(exc: BaseException, sock: Any, writer: Writer) -> bool:
-    """True if ``exc`` is this connection breaking (its writer's error, or a reset of
-    its own socket), not an error of something else the handler talked to."""
-    if exc is writer._error:
+def _own_failure(exc: BaseException, sock: Any, reader: Reader, writer: Writer) -> bool:
+    """True if ``exc`` is this connection breaking (its reader's or writer's error, or a
+    reset of its own socket), not an error of something else the handler talked to."""
+    if exc is writer._error or exc is reader._error:
         return True
     if not isinstance(exc, ConnectionReset) or sock.family == _stdsocket.AF_UNIX:
         return isinstance(exc, ConnectionReset) and writer.consumer_left.is_set()
@@ -628,7 +652,11 @@ def connect_sock(where: object, *, timeout: float | None = DEFAULT_CONNECT_TIMEO
         hostname = server_hostname
         if hostname is None and isinstance(target, Tcp):
             hostname = target.host
-        return _tls.client_side(sock, ssl_context, hostname, None)
+        try:
+            return _tls.client_side(sock, ssl_context, hostname, None)
+        except ssl.SSLError as exc:
+            add_note(exc, f"connecting to {target} (TLS handshake)")
+            raise
 
 
 def connect(where: object, *, timeout: float | None = DEFAULT_CONNECT_TIMEOUT,

@@ -1016,6 +1016,48 @@ def test_a_peer_that_resets_is_not_a_handler_error(family: str, tmp_path: Path) 
             assert ask(again, b"on") == b"on"
 
 
+@pytest.mark.parametrize("mode", ["raise", "ignore"])
+def test_a_base_exception_escaping_a_handler_fails_the_server(mode: str) -> None:
+    # An uncaught gevent.Timeout is no Exception on_handler_error may ignore: the server
+    # closes, its other connections are cancelled (its switch fails) and serve_forever
+    # raises it, in every mode.
+    escaped = gevent.Timeout(None)
+    with serving(failing_on(b"fail", escaped), on_handler_error=mode) as server, \
+            dial(server) as other:
+        forever = gevent.spawn(server.serve_forever)
+        assert ask(other, b"hi") == b"hi"
+        with dial(server) as bad:
+            bad.sendall(b"fail\n")
+            assert closed_by_server(bad)
+        with pytest.raises(gevent.Timeout) as info:
+            forever.get(timeout=TIMEOUT)
+        assert info.value is escaped
+        assert server.is_closed
+        assert server.listening_socket.fileno() == -1
+        assert "failed (Timeout)" in repr(server)
+        assert closed_by_server(other)
+        assert server.close_finished_and_handlers_determined.wait(TIMEOUT)
+        server.invariant()
+
+
+def test_max_connections_none_means_no_limit() -> None:
+    release = Event()
+
+    def handler(addr: Any, reader: tcp.Reader, writer: tcp.Writer) -> None:
+        writer.write(b"in")
+        release.wait()
+
+    with serving(handler, max_connections=None) as server:
+        clients = [dial(server) for _ in range(3)]
+        with all_closed(clients):
+            for c in clients:
+                assert recv_exactly(c, 2) == b"in"
+            assert server.num_connections == 3
+            assert "connections=3/unlimited" in repr(server)
+            server.invariant()
+            release.set()
+
+
 # -- sw= ---------------------------------------------------------------------------------------
 
 
@@ -1542,3 +1584,26 @@ def test_client_bad_arguments(name: str, kw: dict[str, Any], exc: type, match: s
 def test_with_connection_needs_a_callable() -> None:
     with pytest.raises(TypeError, match="fn"):
         tcp.with_connection(Tcp("127.0.0.1", 9), "fn")  # type: ignore[arg-type]
+
+
+def test_the_client_speaks_tls_to_a_tls_server_and_checks_the_host_name(certs: Any) -> None:
+    import ssl
+
+    with serving(echo_lines, ssl_context=certs.server_context()) as server:
+        where = tcp.WhereToConnect.of_host_and_port("127.0.0.1", server.listening_on)
+        def talk(sock: Any, reader: tcp.Reader, writer: tcp.Writer) -> bytes:
+            assert sock.version() is not None  # a TLS socket
+            writer.write(b"secret\n")
+            return reader.read_line()
+
+        line = tcp.with_connection(where, talk, timeout=TIMEOUT,
+                                   ssl_context=certs.client_context(),
+                                   server_hostname="localhost")
+        assert line == b"secret"
+        with pytest.raises(ssl.SSLCertVerificationError) as info:
+            tcp.connect_sock(where, timeout=TIMEOUT, ssl_context=certs.client_context(),
+                             server_hostname="not-this-host")
+        assert any(f"connecting to {where}" in note
+                   for note in getattr(info.value, "__notes__", []))
+        wait_until(lambda: server.stats()["handshake_errors"] == 1)
+        assert not server.is_closed
