@@ -45,7 +45,7 @@ from gevent.event import Event
 from . import _tls
 from ._proxy import ProxyProtocolError, read_proxy_header
 from .address import Tcp, Unix, from_sockaddr
-from .errors import Cancelled, add_note
+from .errors import Cancelled, NetError, add_note
 from .switch import Switch
 
 __all__ = ["Acceptor", "check_connection_options", "check_limits"]
@@ -350,7 +350,7 @@ class Acceptor:
                 log.debug("%s: connection from %s aborted; its handler ended with %r",
                           self.name, peer, exc)
                 return
-            if self.idle_timeout is not None and isinstance(exc, TimeoutError):
+            if self.idle_timeout is not None and _is_socket_timeout(exc):
                 self.stats["idle_timeouts"] += 1
                 log.debug("%s: connection from %s idle for %s s: closed",
                           self.name, peer, self.idle_timeout)
@@ -403,6 +403,13 @@ class Acceptor:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "accepting" if self._watching else "paused"
         return f"<Acceptor {self.name} {state} active={self.active}>"
+
+
+def _is_socket_timeout(exc: Exception) -> bool:
+    """A socket operation's timeout (``socket.timeout``), as the idle timeout raises it;
+    not the ``ConnectTimeout`` or ``HandshakeTimeout`` of a connection the handler made."""
+    return isinstance(exc, TimeoutError) and not isinstance(exc, (NetError,
+                                                                   _tls.HandshakeTimeout))
 
 
 def check_limits(max_connections: int | None, max_accepts_per_batch: int) -> None:

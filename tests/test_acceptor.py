@@ -16,7 +16,7 @@ import pytest
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from greenserve import Cancelled, Switch, Tcp
+from greenserve import Cancelled, ConnectTimeout, Switch, Tcp
 from greenserve._acceptor import MAX_BACKOFF, Acceptor
 from greenserve.flow import open_listener
 
@@ -330,6 +330,24 @@ def test_idle_connection_is_closed_and_slot_freed() -> None:
         assert busy.recv(10) == b"ok"
         busy.close()
     assert acc.stats["idle_timeouts"] >= 1 and acc.stats["handler_errors"] == 0
+
+
+def test_a_connect_timeout_of_another_connection_is_a_handler_error() -> None:
+    errors: list[BaseException] = []
+
+    def handler(sock: Any, peer: Any) -> None:
+        sock.recv(10)
+        raise ConnectTimeout("the handler's own outgoing connection timed out")
+
+    with serving(handler, idle_timeout=5.0,
+                 on_error=lambda exc, peer: errors.append(exc)) as (acc, port):
+        c = client(port)
+        c.sendall(b"go")
+        assert c.recv(10) == b""
+        c.close()
+        wait_until(lambda: acc.active == 0)
+    assert acc.stats["idle_timeouts"] == 0 and acc.stats["handler_errors"] == 1
+    assert isinstance(errors[0], ConnectTimeout)
 
 
 def test_accepted_tcp_sockets_have_nodelay() -> None:
