@@ -11,7 +11,10 @@ caller asked for.
 hub, with no greenlet per writer:
 
 - ``_IDLE``: nothing buffered. The first ``write`` appends to the buffer and schedules ONE
-  hub callback (``loop.run_callback``) -> ``_SCHEDULED``.
+  hub callback (``loop.run_callback``) -> ``_SCHEDULED``. Except a ``bytes`` write of at
+  least ``EAGER_SEND_MIN`` bytes: it is sent at once, in the caller's greenlet, with one
+  non-blocking ``send`` on the raw socket; only what the kernel did not take is buffered
+  (any error, even ``EAGAIN``, leaves it all to the hub's send, which reports it).
 - ``_SCHEDULED``: further writes only append. When the callback runs (same hub iteration)
   everything written so far goes out in one non-blocking ``send``: small writes are
   coalesced. All sent -> ``_IDLE``; the kernel took only part of it -> ``_WAITING``.
@@ -77,6 +80,13 @@ CLOSE_FLUSH_TIMEOUT = 30.0
 # comes at most limit/4 late, for four timer wake-ups per limit while data is stuck
 # (none while the writer is idle or the kernel takes everything at once).
 AGE_CHECKS_PER_LIMIT = 4
+
+# A write of at least this many bytes made while nothing is pending goes to the kernel at
+# once (one non-blocking send in the writer's greenlet) instead of waiting for the hub:
+# it fills several TCP segments by itself, so merging it with the writes around it saves
+# no packet, while the deferred send costs a hub callback per write. Smaller writes are
+# coalesced as before.
+EAGER_SEND_MIN = 4096
 
 _CR = 13  # b"\r"[0]
 
@@ -356,6 +366,8 @@ class Writer:
 
     ``write`` appends to a buffer and returns at once; the hub sends the data without
     an explicit flush (all writes made in one hub iteration go out in one ``send``).
+    A ``bytes`` write of at least :data:`EAGER_SEND_MIN` bytes made while nothing is
+    pending goes to the kernel at once (one non-blocking ``send``, never waiting).
     :meth:`flush` waits until everything written so far is in the kernel.
 
     ``sock`` is a connected gevent stream socket. ``buffer_age_limit`` (seconds, or
@@ -466,8 +478,14 @@ class Writer:
         buf = self._buf
         head = self._head
         if type(data) is bytes and head is None and not buf:
+            size = len(data)
+            self._written += size
+            if size >= EAGER_SEND_MIN and self._state == _IDLE:
+                sent = self._send_now(data)
+                if sent == size:
+                    return
+                data = data[sent:]
             self._head = data  # immutable: nothing to copy (the common echo case)
-            self._written += len(data)
             pending = bool(data)
         else:
             if head is not None:
@@ -526,6 +544,20 @@ class Writer:
             # A fresh traceback each time: the stored error is raised again and again.
             raise self._error.with_traceback(None)
         raise _closed_error("Writer")
+
+    def _send_now(self, data: bytes) -> int:
+        """The eager send of a large write on an idle writer: what the kernel takes now.
+        Sends only on a plain socket; anything but success (``EAGAIN``, an error) sends
+        nothing here, and the hub's send retries it (and reports an error there)."""
+        raw = self._raw
+        if raw is None or self._sock._sock is not raw:
+            return 0
+        try:
+            sent: int = raw.send(data)
+        except OSError:
+            return 0
+        self._sent += sent
+        return sent
 
     # -- the send path (runs in the hub) ------------------------------------------------
 

@@ -29,7 +29,7 @@ from greenserve.errors import (
     LineTooLong,
     WriterBufferAgeExceeded,
 )
-from greenserve.stream import Reader, Writer
+from greenserve.stream import EAGER_SEND_MIN, Reader, Writer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -488,6 +488,52 @@ def test_writes_in_one_hub_iteration_go_out_in_one_send(pair: Pair, counted: Cou
     writer.close()
 
 
+def test_a_large_write_on_an_idle_writer_is_in_the_kernel_when_write_returns(
+        pair: Pair) -> None:
+    a, b = pair
+    writer = Writer(a)
+    data = pattern(EAGER_SEND_MIN)
+    writer.write(data)
+    # No hub iteration has run: the write itself sent it.
+    assert writer.bytes_pending == 0 and writer.bytes_written == len(data)
+    assert "idle" in repr(writer)
+    writer.write(b"x" * (EAGER_SEND_MIN - 1))  # a smaller one waits for the hub
+    assert writer.bytes_pending == EAGER_SEND_MIN - 1
+    writer.flush()
+    assert recv_exactly(b, 2 * EAGER_SEND_MIN - 1) == data + b"x" * (EAGER_SEND_MIN - 1)
+    writer.close()
+
+
+def test_a_large_write_behind_pending_data_keeps_its_order(pair: Pair) -> None:
+    a, b = pair
+    writer = Writer(a)
+    big = pattern(4 * EAGER_SEND_MIN)
+    writer.write(b"head")   # pending until the hub sends it
+    writer.write(big)       # so this one must queue behind it, not go out first
+    writer.write(b"tail")
+    assert writer.bytes_pending == len(big) + 8
+    assert recv_exactly(b, len(big) + 8) == b"head" + big + b"tail"
+    writer.close()
+
+
+def test_a_large_write_to_a_reset_peer_fails_the_writer_later(pair: Pair) -> None:
+    a, b = pair
+    if a.family == socket.AF_UNIX:
+        b.close()  # a unix peer that is gone: EPIPE
+    else:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()  # RST
+    writer = Writer(a)
+    writer.write(pattern(EAGER_SEND_MIN))  # write itself never raises a network error
+    assert writer.bytes_pending == EAGER_SEND_MIN  # the kernel refused it: the hub retries
+    with pytest.raises(ConnectionReset):
+        writer.flush()  # ... and the hub's send found the error
+    assert writer.consumer_left.is_set()
+    with pytest.raises(ConnectionReset):
+        writer.write(b"more")
+    writer.close()
+
+
 def test_empty_write_sends_nothing(pair: Pair, counted: Counted) -> None:
     sock = counted()
     writer = Writer(sock)
@@ -505,7 +551,9 @@ def test_write_never_blocks_even_when_the_peer_does_not_read(stall_pair: Pair) -
     for offset in range(0, len(data), 1024 * 1024):
         writer.write(data[offset:offset + 1024 * 1024])
     assert time.monotonic() - started < 5  # only memory copies, no waiting
-    assert writer.bytes_pending == len(data)
+    # The first write went to the kernel in part (it was large and nothing was pending);
+    # the kernel holds well under 1 MiB here, everything else waits in the writer.
+    assert len(data) - 1024 * 1024 < writer.bytes_pending < len(data)
     assert recv_exactly(b, len(data)) == data  # everything arrives, in order
     writer.flush()
     assert writer.bytes_pending == 0
