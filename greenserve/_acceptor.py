@@ -151,6 +151,10 @@ class Acceptor:
         self.name = name
         loop = gevent.get_hub().loop
         self._watchers = [loop.io(ls.fileno(), 1) for ls in self._listeners]
+        # Per listener: must each accepted socket get TCP_NODELAY set? Not when the
+        # listener has it (greenserve's own listeners do): Linux copies it to every
+        # accepted socket, which saves a syscall per connection.
+        self._nodelay = [_needs_nodelay(ls) for ls in self._listeners]
         self._timer = loop.timer(0)
         self._backoff = 0.0
         self._accepting = False  # wanted by the face (start/stop_accepting)
@@ -249,15 +253,15 @@ class Acceptor:
         if want == self._watching:
             return
         self._watching = want
-        for w, ls in zip(self._watchers, self._listeners, strict=True):
+        for w, ls, nodelay in zip(self._watchers, self._listeners, self._nodelay, strict=True):
             if want:
-                w.start(self._accept_batch, ls)
+                w.start(self._accept_batch, ls, nodelay)
             else:
                 w.stop()
 
     # -- the accept loop (runs in the hub) -----------------------------------------------
 
-    def _accept_batch(self, listener: gsocket.socket) -> None:
+    def _accept_batch(self, listener: gsocket.socket, nodelay: bool) -> None:
         raw = listener._sock
         if self._spawn is None and self._sw.cancelled:
             self.close(close_listeners=False)  # the owner is going away: so are we
@@ -274,7 +278,7 @@ class Acceptor:
                     return
                 continue
             self._backoff = 0.0
-            self._take(listener, fd, addr)
+            self._take(listener, fd, addr, nodelay)
 
     def _accept_failed(self, exc: OSError) -> bool:
         """Handle an accept error; True means: go on accepting in this batch."""
@@ -301,14 +305,14 @@ class Acceptor:
         self._timer.stop()
         self._update()
 
-    def _take(self, listener: gsocket.socket, fd: int, addr: Any) -> None:
+    def _take(self, listener: gsocket.socket, fd: int, addr: Any, nodelay: bool) -> None:
         if self.drop_incoming:
             os.close(fd)
             self.stats["dropped"] += 1
             return
         family = listener.family
         sock = gsocket.socket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
-        if family != _stdsocket.AF_UNIX:
+        if nodelay:
             sock._sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
         peer = from_sockaddr(family, addr)
         self._count_in(sock)
@@ -403,6 +407,16 @@ class Acceptor:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "accepting" if self._watching else "paused"
         return f"<Acceptor {self.name} {state} active={self.active}>"
+
+
+def _needs_nodelay(listener: gsocket.socket) -> bool:
+    """True for a TCP listener without ``TCP_NODELAY`` (a unix one never needs it)."""
+    if listener.family not in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
+        return False
+    try:
+        return not listener.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY)
+    except OSError:
+        return True  # closed already (it will not accept anything) or not TCP: be safe
 
 
 def _is_socket_timeout(exc: Exception) -> bool:

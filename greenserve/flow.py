@@ -375,6 +375,10 @@ def open_listener(addr: Address, *, backlog: int, reuse_addr: bool = False,
     sock = gsocket.socket(addr.family, _stdsocket.SOCK_STREAM)
     try:
         unlink = _configure_and_bind(sock, addr, reuse_addr, reuse_port)
+        if isinstance(addr, Tcp):
+            # Accepted sockets inherit it (Linux): the engine then needs no setsockopt
+            # per connection.
+            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()

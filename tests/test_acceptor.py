@@ -16,7 +16,7 @@ import pytest
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from greenserve import Cancelled, ConnectTimeout, Switch, Tcp
+from greenserve import Cancelled, ConnectTimeout, Switch, Tcp, Unix
 from greenserve._acceptor import MAX_BACKOFF, Acceptor
 from greenserve.flow import open_listener
 
@@ -65,11 +65,11 @@ def test_batch_takes_at_most_max_accepts_per_batch() -> None:
     with serving(start=False, max_accepts_per_batch=3) as (acc, port):
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
         acc._watching = True  # as the watcher would be when its callback runs
-        acc._accept_batch(acc._listeners[0])
+        acc._accept_batch(acc._listeners[0], acc._nodelay[0])
         assert acc.stats["accepted"] == 3
-        acc._accept_batch(acc._listeners[0])
+        acc._accept_batch(acc._listeners[0], acc._nodelay[0])
         assert acc.stats["accepted"] == 5
-        acc._accept_batch(acc._listeners[0])  # EAGAIN: nothing more
+        acc._accept_batch(acc._listeners[0], acc._nodelay[0])  # EAGAIN: nothing more
         assert acc.stats["accepted"] == 5
         acc._watching = False
         for c in clients:
@@ -130,7 +130,7 @@ def test_handler_never_called_after_close() -> None:
                  max_accepts_per_batch=8) as (acc, port):
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         acc._watching = True
-        acc._accept_batch(acc._listeners[0])  # three fibers forked, none started
+        acc._accept_batch(acc._listeners[0], acc._nodelay[0])  # three fibers forked, none started
         acc._watching = False
         assert acc.active == 3
         acc.close(close_listeners=False)
@@ -350,12 +350,41 @@ def test_a_connect_timeout_of_another_connection_is_a_handler_error() -> None:
     assert isinstance(errors[0], ConnectTimeout)
 
 
-def test_accepted_tcp_sockets_have_nodelay() -> None:
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+@pytest.mark.parametrize("listener_has_it", [True, False])
+def test_accepted_tcp_sockets_have_nodelay(family: int, listener_has_it: bool) -> None:
+    # Our own listeners have TCP_NODELAY (accepted sockets inherit it); on a supplied
+    # listener without it the engine sets it on each accepted socket.
     seen: list[int] = []
 
     def handler(sock: Any, peer: Any) -> None:
         seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
-    with serving(handler) as (_acc, port), client(port) as c:
-        assert closed_by_server(c)
-    assert seen and seen[0] != 0
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with Switch() as sw:
+        lsock = gsocket.socket(family, socket.SOCK_STREAM)
+        sw.attach(lsock)
+        if listener_has_it:
+            lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        lsock.bind((host, 0))
+        lsock.listen(16)
+        acc = Acceptor([lsock], handler, sw=sw)
+        assert acc._nodelay == [not listener_has_it]
+        acc.start_accepting()
+        try:
+            for _ in range(2):
+                with gsocket.create_connection(lsock.getsockname()[:2]) as c:
+                    assert closed_by_server(c)
+        finally:
+            acc.close(close_listeners=False)
+    assert len(seen) == 2 and all(seen)
+
+
+def test_our_tcp_listeners_have_nodelay_and_unix_ones_need_none(tmp_path: Any) -> None:
+    with Switch() as sw:
+        tcp_l = open_listener(Tcp("127.0.0.1", 0), backlog=8, sw=sw)
+        unix_l = open_listener(Unix(str(tmp_path / "s")), backlog=8, sw=sw)
+        assert tcp_l.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        acc = Acceptor([tcp_l.socket, unix_l.socket], echo, sw=sw)
+        assert acc._nodelay == [False, False]  # no setsockopt per connection on either
+        acc.close(close_listeners=False)

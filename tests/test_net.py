@@ -281,6 +281,16 @@ def test_interleave_families() -> None:
 # -- accept_fork -------------------------------------------------------------------------------
 
 
+def test_accept_gives_tcp_flows_with_nodelay() -> None:
+    # net.listen sets TCP_NODELAY on the listener; Linux copies it to accepted sockets.
+    with Switch() as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
+        c = client(lsock.address.port)
+        flow, _ = net.accept(lsock, sw=sw)
+        assert flow.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        c.close()
+
+
 def test_accept_fork_runs_handler_and_closes_flow() -> None:
     flows: list[Flow] = []
 
