@@ -151,10 +151,11 @@ class Acceptor:
         self.name = name
         loop = gevent.get_hub().loop
         self._watchers = [loop.io(ls.fileno(), 1) for ls in self._listeners]
-        # Per listener: must each accepted socket get TCP_NODELAY set? Not when the
-        # listener has it (greenserve's own listeners do): Linux copies it to every
-        # accepted socket, which saves a syscall per connection.
-        self._nodelay = [_needs_nodelay(ls) for ls in self._listeners]
+        # What the watcher callback gets per listener: the socket, its family (read once:
+        # gevent's `family` property makes an enum on every access), and whether each
+        # accepted socket needs TCP_NODELAY set. Not when the listener has it
+        # (greenserve's own listeners do): Linux copies it to every accepted socket.
+        self._accept_args = [(ls, ls.family, _needs_nodelay(ls)) for ls in self._listeners]
         self._timer = loop.timer(0)
         self._backoff = 0.0
         self._accepting = False  # wanted by the face (start/stop_accepting)
@@ -253,15 +254,15 @@ class Acceptor:
         if want == self._watching:
             return
         self._watching = want
-        for w, ls, nodelay in zip(self._watchers, self._listeners, self._nodelay, strict=True):
+        for w, args in zip(self._watchers, self._accept_args, strict=True):
             if want:
-                w.start(self._accept_batch, ls, nodelay)
+                w.start(self._accept_batch, *args)
             else:
                 w.stop()
 
     # -- the accept loop (runs in the hub) -----------------------------------------------
 
-    def _accept_batch(self, listener: gsocket.socket, nodelay: bool) -> None:
+    def _accept_batch(self, listener: gsocket.socket, family: int, nodelay: bool) -> None:
         raw = listener._sock
         if self._spawn is None and self._sw.cancelled:
             self.close(close_listeners=False)  # the owner is going away: so are we
@@ -278,7 +279,7 @@ class Acceptor:
                     return
                 continue
             self._backoff = 0.0
-            self._take(listener, fd, addr, nodelay)
+            self._take(fd, addr, family, nodelay)
 
     def _accept_failed(self, exc: OSError) -> bool:
         """Handle an accept error; True means: go on accepting in this batch."""
@@ -305,12 +306,11 @@ class Acceptor:
         self._timer.stop()
         self._update()
 
-    def _take(self, listener: gsocket.socket, fd: int, addr: Any, nodelay: bool) -> None:
+    def _take(self, fd: int, addr: Any, family: int, nodelay: bool) -> None:
         if self.drop_incoming:
             os.close(fd)
             self.stats["dropped"] += 1
             return
-        family = listener.family
         sock = gsocket.socket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
         if nodelay:
             sock._sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)

@@ -234,5 +234,13 @@ def from_sockaddr(family: int, sockaddr: Any, *, datagram: bool = False) -> Tcp 
         path = sockaddr.decode("utf-8", "surrogateescape") if isinstance(sockaddr, bytes) \
             else sockaddr
         return Unix(path) if path else _UNNAMED
-    cls = Udp if datagram else Tcp
-    return cls(sockaddr[0], sockaddr[1])
+    # What the kernel returned needs no checking: skip the dataclass __init__ and its
+    # validation (this runs for every accepted connection and received datagram).
+    cls: type[Tcp] | type[Udp] = Udp if datagram else Tcp
+    address = object.__new__(cls)
+    _set_field(address, "host", sockaddr[0])
+    _set_field(address, "port", sockaddr[1])
+    return address
+
+
+_set_field = object.__setattr__  # how a frozen dataclass sets its own fields

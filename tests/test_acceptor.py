@@ -65,11 +65,11 @@ def test_batch_takes_at_most_max_accepts_per_batch() -> None:
     with serving(start=False, max_accepts_per_batch=3) as (acc, port):
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
         acc._watching = True  # as the watcher would be when its callback runs
-        acc._accept_batch(acc._listeners[0], acc._nodelay[0])
+        acc._accept_batch(*acc._accept_args[0])
         assert acc.stats["accepted"] == 3
-        acc._accept_batch(acc._listeners[0], acc._nodelay[0])
+        acc._accept_batch(*acc._accept_args[0])
         assert acc.stats["accepted"] == 5
-        acc._accept_batch(acc._listeners[0], acc._nodelay[0])  # EAGAIN: nothing more
+        acc._accept_batch(*acc._accept_args[0])  # EAGAIN: nothing more
         assert acc.stats["accepted"] == 5
         acc._watching = False
         for c in clients:
@@ -130,7 +130,7 @@ def test_handler_never_called_after_close() -> None:
                  max_accepts_per_batch=8) as (acc, port):
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         acc._watching = True
-        acc._accept_batch(acc._listeners[0], acc._nodelay[0])  # three fibers forked, none started
+        acc._accept_batch(*acc._accept_args[0])  # three fibers forked, none started
         acc._watching = False
         assert acc.active == 3
         acc.close(close_listeners=False)
@@ -369,7 +369,7 @@ def test_accepted_tcp_sockets_have_nodelay(family: int, listener_has_it: bool) -
         lsock.bind((host, 0))
         lsock.listen(16)
         acc = Acceptor([lsock], handler, sw=sw)
-        assert acc._nodelay == [not listener_has_it]
+        assert acc._accept_args[0][2] is (not listener_has_it)
         acc.start_accepting()
         try:
             for _ in range(2):
@@ -386,5 +386,6 @@ def test_our_tcp_listeners_have_nodelay_and_unix_ones_need_none(tmp_path: Any) -
         unix_l = open_listener(Unix(str(tmp_path / "s")), backlog=8, sw=sw)
         assert tcp_l.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         acc = Acceptor([tcp_l.socket, unix_l.socket], echo, sw=sw)
-        assert acc._nodelay == [False, False]  # no setsockopt per connection on either
+        # no setsockopt per connection on either
+        assert [nodelay for _, _, nodelay in acc._accept_args] == [False, False]
         acc.close(close_listeners=False)

@@ -128,6 +128,18 @@ def test_from_sockaddr() -> None:
     assert str(from_sockaddr(socket.AF_UNIX, "")) == "unix:"
 
 
+def test_from_sockaddr_builds_complete_frozen_addresses() -> None:
+    # Built without __init__ (no validation of what the kernel returned): it must still be
+    # the same value as the checked constructor's, hashable, printable and frozen.
+    made = from_sockaddr(socket.AF_INET6, ("fe80::1%lo", 80, 0, 1))
+    assert type(made) is Tcp
+    assert made == Tcp("fe80::1%lo", 80) and hash(made) == hash(Tcp("fe80::1%lo", 80))
+    assert str(made) == "tcp:[fe80::1%lo]:80" and repr(made) == "Tcp(host='fe80::1%lo', port=80)"
+    assert parse_address(str(made)) == made
+    with pytest.raises(AttributeError):
+        made.port = 81  # type: ignore[misc]
+
+
 hosts = st.one_of(
     st.ip_addresses().map(str),
     st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}", fullmatch=True),
