@@ -111,6 +111,11 @@ class Acceptor:
     gets a note ``handling connection from <peer>`` and goes to ``on_error(exc, peer)``
     (default: logged); if ``on_error`` raises, the fiber fails ``sw``.
 
+    When ``accept`` fails in a way that means the listening socket itself is broken
+    (``EBADF``, ``EINVAL``: shut down or not listening, ``ENOTSOCK``), the acceptor logs
+    it, closes itself and calls ``on_fatal(exc)`` (in the hub: it must not block), so
+    that the face can end its server instead of waiting for connections that never come.
+
     Resource handling: the acceptor closes every connection socket it accepted. It
     closes the listening sockets on :meth:`close` only with ``close_listeners=True``.
     """
@@ -131,6 +136,7 @@ class Acceptor:
         handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
         proxy_protocol: bool = False,
         idle_timeout: float | None = None,
+        on_fatal: Callable[[OSError], object] | None = None,
     ) -> None:
         check_limits(max_connections, max_accepts_per_batch)
         check_connection_options(ssl_context, handshake_timeout, proxy_protocol, idle_timeout)
@@ -147,6 +153,7 @@ class Acceptor:
         self.max_accepts_per_batch = max_accepts_per_batch
         self.drop_incoming = drop_incoming
         self._on_error = on_error if on_error is not None else self._log_handler_error
+        self._on_fatal = on_fatal
         self._spawn = spawn
         self.name = name
         loop = gevent.get_hub().loop
@@ -290,6 +297,9 @@ class Acceptor:
         if code in _FATAL:
             log.error("%s: listening socket failed (%s); closing", self.name, exc)
             self.close(close_listeners=False)
+            if self._on_fatal is not None:
+                add_note(exc, f"accepting connections for {self.name}")
+                self._on_fatal(exc)
             return False
         self._log(logging.WARNING, code, "%s: accept failed: %s; backing off", self.name, exc)
         self._back_off()

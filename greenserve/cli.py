@@ -211,4 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"greenserve: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a listening socket broke while serving (logged already)
+        notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+        print(f"greenserve: error: {exc}{notes}", file=sys.stderr)
+        return 1
     return 0

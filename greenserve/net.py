@@ -136,8 +136,11 @@ def run_server(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], *
     returned (``None`` for an ``Event``). ``additional_processes=N`` forks N more
     processes serving the same socket; setting ``stop`` stops them all.
     Error handling: as :func:`accept_fork`; out-of-fds and similar accept errors are
-    logged (rate limited) and retried after a back-off. Raises ``ValueError`` for
-    ``max_connections <= 0`` or ``additional_processes < 0``.
+    logged (rate limited) and retried after a back-off. An accept error that means the
+    listening socket itself is broken (``EBADF``, ``EINVAL``, ``ENOTSOCK``: closed, shut
+    down or not listening) ends the server: running handlers finish (as for ``stop``),
+    then the ``OSError`` is raised. Raises ``ValueError`` for ``max_connections <= 0`` or
+    ``additional_processes < 0``.
     Resource handling: each flow is closed when its handler ends; ``lsock`` stays open
     (it belongs to the switch that created it).
     """
@@ -189,16 +192,21 @@ def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], obje
             handler(flow, peer)
 
     name = f"run_server {' '.join(str(ls.address) for ls in listeners)}"
+    broken: AsyncResult = AsyncResult()  # fails if a listening socket breaks
     with Switch(name=name) as sw:
         acceptor = Acceptor([ls.socket for ls in listeners], serve_one, sw=sw,
                             max_connections=max_connections,
-                            on_error=lambda exc, peer: on_error(exc), name=name, **engine)
+                            on_error=lambda exc, peer: on_error(exc), name=name,
+                            on_fatal=broken.set_exception, **engine)
         acceptor.start_accepting()
         try:
-            return _wait_for_stop(stop)
+            result = _wait_for_stop(stop, broken)
         finally:
             acceptor.close(close_listeners=False)
             _drain(acceptor, drain_timeout)
+    if broken.ready():
+        broken.get()  # raises the listening socket's error, now that the handlers are done
+    return result
 
 
 def _drain(acceptor: Acceptor, drain_timeout: float | None) -> None:
@@ -208,14 +216,13 @@ def _drain(acceptor: Acceptor, drain_timeout: float | None) -> None:
         acceptor.abort_connections()
 
 
-def _wait_for_stop(stop: Event | AsyncResult | None) -> Any:
-    if stop is None:
-        Event().wait()  # until cancelled
-    if isinstance(stop, AsyncResult):
-        return stop.get()
-    assert stop is not None
-    stop.wait()
-    return None
+def _wait_for_stop(stop: Event | AsyncResult | None, broken: AsyncResult) -> Any:
+    """Wait for ``stop`` (without one: until cancelled) or ``broken``; return the
+    ``AsyncResult``'s value (``None`` for an ``Event``, or when ``broken`` came first)."""
+    gevent.wait([broken] if stop is None else [stop, broken], count=1)
+    if broken.ready() or not isinstance(stop, AsyncResult):
+        return None
+    return stop.get()
 
 
 def _fork_child(serve: Callable[[Event], object]) -> int:

@@ -540,7 +540,10 @@ class _Run:
             max_connections=limit, max_accepts_per_batch=server.max_accept,
             on_error=server._report_handler_error, spawn=server._engine_spawn(), name=name,
             ssl_context=server.ssl_context, handshake_timeout=server.handshake_timeout,
-            proxy_protocol=server.proxy_protocol, idle_timeout=server.idle_timeout)
+            proxy_protocol=server.proxy_protocol, idle_timeout=server.idle_timeout,
+            # As gevent's server does: a broken listening socket closes the server, so
+            # serve_forever() returns (after stop()).
+            on_fatal=lambda exc: server.close())
         self.closed = False
         self.waiting_for_pool = False
         self._draining = False

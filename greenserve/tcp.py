@@ -296,7 +296,7 @@ class Server:
         self._acceptor = Acceptor(
             [lsock.socket], serve, sw=self._sw, max_connections=max_connections,
             max_accepts_per_batch=batch, drop_incoming=drop, on_error=self._handler_failed,
-            name=f"tcp.Server {lsock.address}", **engine)
+            name=f"tcp.Server {lsock.address}", on_fatal=self._listener_failed, **engine)
         try:
             if sw is not None:
                 sw.fork(self._keep)
@@ -381,6 +381,15 @@ class Server:
         if not self._own_switch:
             self._sw.fail(exc)
 
+    def _listener_failed(self, exc: OSError) -> None:
+        # The listening socket broke (the engine logged it): the server is over, and
+        # wait()/serve_forever() raise why, whatever on_handler_error says.
+        if self._error is None:
+            self._error = exc
+        self.close()
+        if not self._own_switch:
+            self._sw.fail(exc)
+
     def _keep(self) -> None:
         # The server's place in the caller's switch: the switch waits for it like for a
         # fiber, and cancelling the switch closes the server with its connections.
@@ -440,7 +449,9 @@ class Server:
         """Block until the server is closed and its handlers have returned.
 
         With ``on_handler_error="raise"``, the handler's error is raised as soon as the
-        listening socket is closed (connections still running are left alone). Returns
+        listening socket is closed (connections still running are left alone). So is
+        the ``OSError`` of a listening socket that broke (``accept`` failing with
+        ``EBADF``, ``EINVAL`` or ``ENOTSOCK``), which closes the server in every mode. Returns
         ``False`` if ``timeout`` seconds passed first. If the wait is interrupted (a
         ``KeyboardInterrupt``, a cancellation), the server is closed with its
         connections and the exception propagates.

@@ -155,6 +155,36 @@ def test_systemd_listen_fds() -> None:
             proc.wait()
 
 
+def test_a_broken_listening_socket_ends_the_cli_with_one_line_and_exit_1() -> None:
+    # The child serves a listening socket this process shares; shutting it down here
+    # makes the child's accept() fail with EINVAL: it stops (no traceback), exit 1.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    fd = sock.fileno()
+    shim = ("import os,sys;os.dup2(int(sys.argv[1]),3);os.environ['LISTEN_PID']=str(os.getpid());"
+            "from greenserve.cli import main;sys.exit(main(['echo']))")
+    proc = subprocess.Popen([sys.executable, "-c", shim, str(fd)], cwd=ROOT, pass_fds=(fd,),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(LISTEN_FDS="1"))
+    try:
+        assert proc.stdout.readline().decode().strip() == f"listening on tcp:127.0.0.1:{port}"
+        sock.shutdown(socket.SHUT_RD)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 1, err.decode()
+        text = err.decode()
+        assert "Traceback" not in text
+        assert text.splitlines()[-1] == (
+            f"greenserve: error: [Errno 22] Invalid argument (accepting connections for "
+            f"run_server tcp:127.0.0.1:{port})")
+    finally:
+        sock.close()
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_tls_and_proxy_protocol(certs: Any) -> None:
     with cli("tests.cli_handlers:whoami", "--bind", "127.0.0.1:0", "--certfile",
              str(certs.cert), "--keyfile", str(certs.key), "--proxy-protocol") as (proc, addrs):

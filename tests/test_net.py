@@ -427,6 +427,43 @@ def test_run_server_stop_lets_in_flight_handler_finish() -> None:
         c.close()
 
 
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_run_server_raises_when_its_listening_socket_breaks(with_stop: bool) -> None:
+    # A listening socket shut down under the server (accept fails with EINVAL) ends
+    # run_server with that error, once the running handler has finished; it does not
+    # leave run_server waiting for connections that can never come.
+    in_handler, may_finish = Event(), Event()
+
+    def handler(flow: Flow, addr: Any) -> None:
+        in_handler.set()
+        may_finish.wait()
+        flow.write(b"finished")
+
+    outcome: list[BaseException] = []
+
+    def serve(lsock: Any) -> None:
+        try:
+            net.run_server(lsock, handler, on_error=pytest.fail,
+                           stop=Event() if with_stop else None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    with Switch() as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
+        server = sw.fork(serve, lsock)
+        c = client(lsock.address.port)
+        in_handler.wait()
+        lsock.socket._sock.shutdown(socket.SHUT_RD)  # the kernel: accept() -> EINVAL
+        gevent.idle()  # the hub saw the listener readable, accept failed
+        assert not server.dead and not outcome  # the handler is still running
+        may_finish.set()
+        assert recv_all(c) == b"finished"
+        server.join()
+        c.close()
+    assert len(outcome) == 1 and outcome[0].errno == errno.EINVAL
+    assert outcome[0].__notes__ == [f"accepting connections for run_server {lsock.address}"]
+
+
 def test_run_server_handler_error_reaches_on_error_with_address() -> None:
     got: AsyncResult = AsyncResult()
 

@@ -805,3 +805,14 @@ def test_set_listener_before_start_replaces_and_closes_the_previous_socket() -> 
     assert lsock.fileno() == -1 and server.closed
     with running(server):
         assert request(server, b"ping") == b"ping"
+
+
+def test_a_broken_listening_socket_stops_serve_forever() -> None:
+    # As gevent's server does: accept() failing with EINVAL (the listening socket was
+    # shut down) closes the server and serve_forever() returns.
+    server = StreamServer(("127.0.0.1", 0), lambda sock, addr: None)
+    runner = gevent.spawn(server.serve_forever)
+    gevent.idle()
+    server.socket._sock.shutdown(socket.SHUT_RD)
+    runner.get(timeout=5)
+    assert server.closed

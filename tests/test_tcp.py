@@ -14,6 +14,7 @@ deterministic.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import socket
@@ -1607,3 +1608,19 @@ def test_the_client_speaks_tls_to_a_tls_server_and_checks_the_host_name(certs: A
                    for note in getattr(info.value, "__notes__", []))
         wait_until(lambda: server.stats()["handshake_errors"] == 1)
         assert not server.is_closed
+
+
+@pytest.mark.parametrize("mode", ["raise", "ignore"])
+def test_a_broken_listening_socket_closes_the_server_and_is_raised(mode: str) -> None:
+    # accept() failing with EINVAL (the listening socket was shut down) ends the server
+    # in every on_handler_error mode: serve_forever() raises it instead of waiting.
+    server = tcp.Server.create_sock(tcp.WhereToListen.bind_to("127.0.0.1", 0),
+                                   lambda addr, sock: None, on_handler_error=mode)
+    runner = gevent.spawn(server.serve_forever)
+    gevent.idle()
+    server.listening_socket._sock.shutdown(socket.SHUT_RD)
+    with pytest.raises(OSError) as info:
+        runner.get(timeout=5)
+    assert info.value.errno == errno.EINVAL
+    assert server.is_closed and server.close_finished.is_set()
+    assert server.listening_socket.fileno() == -1
