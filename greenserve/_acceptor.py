@@ -28,6 +28,7 @@ Design rules:
 from __future__ import annotations
 
 import _socket
+import contextvars
 import errno
 import logging
 import os
@@ -154,6 +155,9 @@ class Acceptor:
         self.drop_incoming = drop_incoming
         self._on_error = on_error if on_error is not None else self._log_handler_error
         self._on_fatal = on_fatal
+        # Connection fibers are forked from the hub: they get a copy of the context of
+        # the code that made the server (as a fiber forked by it would), not the hub's.
+        self._context = contextvars.copy_context()
         self._spawn = spawn
         self.name = name
         loop = gevent.get_hub().loop
@@ -327,7 +331,8 @@ class Acceptor:
         peer = from_sockaddr(family, addr)
         self._count_in(sock)
         if self._spawn is None:
-            g = self._sw._fork_owning(self._serve, lambda: self._release(sock), sock, peer)
+            g = self._sw._fork_owning(self._serve, lambda: self._release(sock), sock, peer,
+                                      context=self._context)
         else:
             g = self._spawn(self._serve, sock, peer)
         if sock in self._conns:

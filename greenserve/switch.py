@@ -196,12 +196,14 @@ class Switch:
         return status._ready.get()
 
     def _fork_owning(self, fn: Callable[..., Any], cleanup: Callable[[], object],
-                     *args: Any) -> Greenlet:
+                     *args: Any, context: contextvars.Context | None = None) -> Greenlet:
         """Fork ``fn(*args)``; if the fiber never gets to call ``fn`` (the switch or
         the fiber was cancelled before it started) call ``cleanup()`` instead, so that
-        whatever ``args`` hold (a connection socket) is not leaked."""
+        whatever ``args`` hold (a connection socket) is not leaked. The fiber runs in a
+        copy of ``context`` if given (the engine forks from the hub, on behalf of the
+        code that started the server), else of the forker's."""
         return self._spawn(fn, args, {}, daemon=False, promise=None, status=None,
-                           cleanup=cleanup)
+                           cleanup=cleanup, context=context)
 
     def _cancel_fiber(self, g: Greenlet) -> None:
         """Cancel one fiber of this switch (at most once; before it starts: never runs)."""
@@ -213,8 +215,8 @@ class Switch:
 
     def _spawn(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any], *,
                daemon: bool, promise: AsyncResult | None,
-               status: TaskStatus | None, cleanup: Callable[[], object] | None = None
-               ) -> Greenlet:
+               status: TaskStatus | None, cleanup: Callable[[], object] | None = None,
+               context: contextvars.Context | None = None) -> Greenlet:
         if self._finished:
             raise RuntimeError(f"{self!r} is finished: cannot fork {fn!r}")
         if not callable(fn):
@@ -222,7 +224,7 @@ class Switch:
         g = Greenlet(self._run_fiber, fn, args, kw, daemon, promise, status, cleanup)
         # The fiber runs in a copy of the forker's context (set as the greenlet's own
         # context: no Context.run frame on the fiber's stack, which every switch saves).
-        g.gr_context = contextvars.copy_context()
+        g.gr_context = contextvars.copy_context() if context is None else context.copy()
         self._state[g] = _PENDING
         if daemon:
             self._daemons.add(g)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import socket
@@ -462,6 +463,33 @@ def test_run_server_raises_when_its_listening_socket_breaks(with_stop: bool) -> 
         c.close()
     assert len(outcome) == 1 and outcome[0].errno == errno.EINVAL
     assert outcome[0].__notes__ == [f"accepting connections for run_server {lsock.address}"]
+
+
+REQUEST_TAG: contextvars.ContextVar[str] = contextvars.ContextVar("request_tag", default="-")
+
+
+def test_run_server_handlers_see_a_copy_of_the_callers_context() -> None:
+    seen: list[str] = []
+
+    def handler(flow: Flow, addr: Any) -> None:
+        seen.append(REQUEST_TAG.get())
+        REQUEST_TAG.set("changed by a handler")  # its own copy: no other connection sees it
+        flow.write(b"ok")
+
+    def serve(lsock: Any, stop: Event) -> None:
+        REQUEST_TAG.set("set by the caller")
+        net.run_server(lsock, handler, on_error=pytest.fail, stop=stop)
+
+    stop = Event()
+    with Switch() as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
+        sw.fork(serve, lsock, stop)
+        for _ in range(2):
+            with client(lsock.address.port) as c:
+                assert recv_all(c) == b"ok"
+        stop.set()
+    assert seen == ["set by the caller"] * 2
+    assert REQUEST_TAG.get() == "-"
 
 
 def test_run_server_handler_error_reaches_on_error_with_address() -> None:

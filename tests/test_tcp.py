@@ -14,6 +14,7 @@ deterministic.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import math
 import os
@@ -1624,3 +1625,26 @@ def test_a_broken_listening_socket_closes_the_server_and_is_raised(mode: str) ->
     assert info.value.errno == errno.EINVAL
     assert server.is_closed and server.close_finished.is_set()
     assert server.listening_socket.fileno() == -1
+
+
+TAG: contextvars.ContextVar[str] = contextvars.ContextVar("tag", default="-")
+
+
+def test_handlers_see_a_copy_of_the_context_that_created_the_server() -> None:
+    seen: list[str] = []
+
+    def handler(addr: Any, reader: tcp.Reader, writer: tcp.Writer) -> None:
+        seen.append(TAG.get())
+        TAG.set("changed by a handler")  # its own copy: the next connection does not see it
+        writer.write(b"ok")
+
+    def make() -> tcp.Server:
+        TAG.set("set by the creator")
+        return tcp.Server.create(tcp.WhereToListen.bind_to("127.0.0.1", 0), handler)
+
+    server = gevent.spawn(make).get()
+    with server:
+        for _ in range(2):
+            with gsocket.create_connection(("127.0.0.1", server.listening_on)) as c:
+                assert recv_all(c) == b"ok"
+    assert seen == ["set by the creator"] * 2
