@@ -367,8 +367,15 @@ def open_listener(addr: Address, *, backlog: int, reuse_addr: bool = False,
     if backlog < 0:
         raise ValueError(f"backlog must be >= 0, not {backlog}")
     if isinstance(addr, Fd):
-        sock = _inherited(addr.fd)
-        sock.listen(backlog)
+        try:
+            sock = _inherited(addr.fd)
+        except OSError as exc:  # not an open fd (EBADF), not a socket (ENOTSOCK)
+            reraise(exc, f"listening on {addr}")
+        try:
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.detach()  # the fd stays open: it is still its owner's
+            reraise(exc, f"listening on {addr}")
         return ListeningSocket(sock, sw=sw)
     if not isinstance(addr, (Tcp, Unix)):
         raise ValueError(f"cannot listen on {addr}: a stream address (tcp/unix/fd) is needed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import os
+import resource
 import socket
 import stat
 import sys
@@ -139,6 +140,23 @@ def test_listen_on_inherited_fd() -> None:
         c.sendall(b"hi")
         assert flow.read() == b"hi"
         c.close()
+
+
+def test_listen_on_an_fd_that_is_no_socket_names_it(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "plain-file", os.O_CREAT | os.O_RDWR)
+    try:
+        with Switch() as sw, pytest.raises(OSError) as info:
+            net.listen(f"fd://{fd}", sw=sw)
+        assert info.value.errno == errno.ENOTSOCK
+        assert info.value.__notes__ == [f"listening on fd://{fd}"]
+        os.fstat(fd)  # still open: not ours to close
+    finally:
+        os.close(fd)
+    closed = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1  # the highest fd: not open
+    with Switch() as sw, pytest.raises(OSError) as info:
+        net.listen(f"fd://{closed}", sw=sw)
+    assert info.value.errno == errno.EBADF
+    assert info.value.__notes__ == [f"listening on fd://{closed}"]
 
 
 def test_listen_on_fd_that_is_not_listening() -> None:
