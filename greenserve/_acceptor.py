@@ -158,6 +158,9 @@ class Acceptor:
         # Connection fibers are forked from the hub: they get a copy of the context of
         # the code that made the server (as a fiber forked by it would), not the hub's.
         self._context = contextvars.copy_context()
+        # Bound once: each fork keeps its functions for the connection's lifetime.
+        self._serve_fn = self._serve
+        self._unserved_fn = self._unserved
         self._spawn = spawn
         self.name = name
         loop = gevent.get_hub().loop
@@ -331,7 +334,7 @@ class Acceptor:
         peer = from_sockaddr(family, addr)
         self._count_in(sock)
         if self._spawn is None:
-            g = self._sw._fork_owning(self._serve, lambda: self._release(sock), sock, peer,
+            g = self._sw._fork_owning(self._serve_fn, self._unserved_fn, sock, peer,
                                       context=self._context)
         else:
             g = self._spawn(self._serve, sock, peer)
@@ -382,6 +385,10 @@ class Acceptor:
                 conn.close()
                 self._wrapped.pop(sock, None)
             self._release(sock)
+
+    def _unserved(self, sock: gsocket.socket, peer: Any) -> None:
+        # The fiber was cancelled before it started: just free the connection.
+        self._release(sock)
 
     def _prepare(self, sock: gsocket.socket, peer: Any) -> tuple[Any, Any]:
         """PROXY header, TLS handshake, idle timeout: ``(None, peer)`` if rejected."""

@@ -112,7 +112,11 @@ def accept_fork(lsock: ListeningSocket, *, sw: Switch, on_error: OnError,
     """
     _check_switch(sw)
     flow, addr = lsock.accept(sw=sw)
-    sw._fork_owning(_serve_flow, flow.close, flow, addr, handler, on_error)
+    sw._fork_owning(_serve_flow, _close_flow, flow, addr, handler, on_error)
+
+
+def _close_flow(flow: Flow, *_: Any) -> None:
+    flow.close()  # the fiber never started
 
 
 def _serve_flow(flow: Flow, addr: Any, handler: Callable[[Flow, Any], object],

@@ -98,6 +98,11 @@ class TaskStatus:
         self._ready.set_exception(exc)
 
 
+
+# The keyword arguments of a fork that has none: shared, never modified (``fn(**kw)``
+# copies it), so that a fork per connection allocates no dict for it.
+_NO_KWARGS: dict[str, Any] = {}
+
 class Switch:
     """A group of fibers and resources with one lifetime.
 
@@ -195,14 +200,15 @@ class Switch:
         self._spawn(fn, args, kw, daemon=False, promise=None, status=status)
         return status._ready.get()
 
-    def _fork_owning(self, fn: Callable[..., Any], cleanup: Callable[[], object],
+    def _fork_owning(self, fn: Callable[..., Any], cleanup: Callable[..., object],
                      *args: Any, context: contextvars.Context | None = None) -> Greenlet:
         """Fork ``fn(*args)``; if the fiber never gets to call ``fn`` (the switch or
-        the fiber was cancelled before it started) call ``cleanup()`` instead, so that
-        whatever ``args`` hold (a connection socket) is not leaked. The fiber runs in a
-        copy of ``context`` if given (the engine forks from the hub, on behalf of the
-        code that started the server), else of the forker's."""
-        return self._spawn(fn, args, {}, daemon=False, promise=None, status=None,
+        the fiber was cancelled before it started) call ``cleanup(*args)`` instead, so
+        that whatever ``args`` hold (a connection socket) is not leaked (taking ``args``
+        saves the engine a closure per connection). The fiber runs in a copy of
+        ``context`` if given (the engine forks from the hub, on behalf of the code that
+        started the server), else of the forker's."""
+        return self._spawn(fn, args, _NO_KWARGS, daemon=False, promise=None, status=None,
                            cleanup=cleanup, context=context)
 
     def _cancel_fiber(self, g: Greenlet) -> None:
@@ -215,7 +221,7 @@ class Switch:
 
     def _spawn(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any], *,
                daemon: bool, promise: AsyncResult | None,
-               status: TaskStatus | None, cleanup: Callable[[], object] | None = None,
+               status: TaskStatus | None, cleanup: Callable[..., object] | None = None,
                context: contextvars.Context | None = None) -> Greenlet:
         if self._finished:
             raise RuntimeError(f"{self!r} is finished: cannot fork {fn!r}")
@@ -239,12 +245,12 @@ class Switch:
 
     def _run_fiber(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any],
                    daemon: bool, promise: AsyncResult | None,
-                   status: TaskStatus | None, cleanup: Callable[[], object] | None) -> Any:
+                   status: TaskStatus | None, cleanup: Callable[..., object] | None) -> Any:
         me = getcurrent()
         if self._cancelled or (daemon and self._closing) or self._state.get(me) == _KILLED:
             self._never_ran(promise, status)
             if cleanup is not None:
-                cleanup()
+                cleanup(*args)
             return None
         self._state[me] = _RUNNING
         try:

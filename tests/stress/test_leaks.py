@@ -178,5 +178,7 @@ def test_no_leaks_after_5000_connections_of_each_kind(record_property: Any) -> N
     assert end.fds == start.fds
     assert end.greenlets == start.greenlets
     assert end.blocks - start.blocks < BLOCKS_MARGIN, figures["total"]
-    assert abs(end.objects - start.objects) < OBJECTS_MARGIN, figures["total"]
+    # Growth is a leak; fewer objects than at the start is not (run after other tests,
+    # the process may free what they left during these 25,000 connections).
+    assert end.objects - start.objects < OBJECTS_MARGIN, figures["total"]
     assert end.rss_kib - start.rss_kib < RSS_MARGIN_KIB, figures["total"]
