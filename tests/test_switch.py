@@ -591,3 +591,18 @@ def test_repr() -> None:
     with Switch(name="web") as sw:
         assert "web" in repr(sw) and "running" in repr(sw)
     assert "finished" in repr(sw)
+
+
+@pytest.mark.parametrize("n", range(7))
+def test_fibers_get_exactly_their_arguments(n: int) -> None:
+    # Forks with up to four positional arguments are called without *args (see
+    # switch._call): every arity and keyword arguments must still arrive as given.
+    def collect(*args: object, **kw: object) -> tuple[tuple[object, ...], dict[str, object]]:
+        return args, kw
+
+    args = tuple(range(n))
+    with Switch() as sw:
+        plain = sw.fork_promise(collect, *args)
+        with_kw = sw.fork_promise(collect, *args, key="value")
+    assert plain.get() == (args, {})
+    assert with_kw.get() == (args, {"key": "value"})
