@@ -257,7 +257,8 @@ class DatagramSocket(_Owned):
 
     @property
     def address(self) -> Udp | Unix | None:
-        """The local address, or ``None`` for an unbound client socket."""
+        """The local address: ``None`` for an unbound unix client socket; an unbound UDP
+        one reports the wildcard address with port 0 (``udp:0.0.0.0:0``) until it sends."""
         name = self._sock.getsockname()
         if self._sock.family == _stdsocket.AF_UNIX and not name:
             return None
