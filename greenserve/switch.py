@@ -98,7 +98,6 @@ class TaskStatus:
         self._ready.set_exception(exc)
 
 
-
 # The keyword arguments of a fork that has none: shared, never modified (``fn(**kw)``
 # copies it), so that a fork per connection allocates no dict for it.
 _NO_KWARGS: dict[str, Any] = {}
@@ -126,6 +125,7 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> 
     if n == 4:
         return fn(args[0], args[1], args[2], args[3])
     return fn(*args)
+
 
 class Switch:
     """A group of fibers and resources with one lifetime.

@@ -451,8 +451,8 @@ class Server:
         With ``on_handler_error="raise"``, the handler's error is raised as soon as the
         listening socket is closed (connections still running are left alone). So is
         the ``OSError`` of a listening socket that broke (``accept`` failing with
-        ``EBADF``, ``EINVAL`` or ``ENOTSOCK``), which closes the server in every mode. Returns
-        ``False`` if ``timeout`` seconds passed first. If the wait is interrupted (a
+        ``EBADF``, ``EINVAL`` or ``ENOTSOCK``), which closes the server in every mode.
+        Returns ``False`` if ``timeout`` seconds passed first. If the wait is interrupted (a
         ``KeyboardInterrupt``, a cancellation), the server is closed with its
         connections and the exception propagates.
         """
