@@ -182,7 +182,10 @@ def serve_listeners(listeners: list[ListeningSocket], handler: Callable[[Flow, A
     try:
         with Switch(name="run_server children") as sw:
             for pid in children:
-                sw.fork_daemon(_watch_child, pid)
+                sw.fork_daemon(_watch_child, pid, children)
+            if stop is not None:
+                # The children stop, and drain, at the same time as this process.
+                sw.fork_daemon(_signal_children_when_set, stop, children)
             return serve(stop)
     finally:
         _stop_children(children)
@@ -245,19 +248,29 @@ def _fork_child(serve: Callable[[Event], object]) -> int:
         os._exit(code)
 
 
-def _watch_child(pid: int) -> None:
+def _watch_child(pid: int, children: list[int]) -> None:
     _, status = gevent.os.waitpid(pid, 0)
+    children.remove(pid)  # reaped: its pid may be reused, never signal it again
     if status:
         log.error("run_server: child process %d exited with status %#x", pid, status)
 
 
-def _stop_children(children: list[int]) -> None:
+def _signal_children_when_set(stop: Event | AsyncResult, children: list[int]) -> None:
+    gevent.wait([stop])
+    _signal_children(children)
+
+
+def _signal_children(children: list[int]) -> None:
     for pid in children:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    for pid in children:
+
+
+def _stop_children(children: list[int]) -> None:
+    _signal_children(children)
+    for pid in list(children):
         try:
             gevent.os.waitpid(pid, 0)
         except ChildProcessError:

@@ -741,6 +741,44 @@ def test_run_server_additional_processes_spread_and_stop() -> None:
             proc.wait()
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.no_leak_check
+def test_run_server_children_stop_at_once_not_after_the_parent_drained() -> None:
+    # stop reaches the additional processes when it is set: a child whose connection
+    # ends exits while the parent is still waiting for its own handler.
+    proc, port = _start("multiprocess_server.py", "1")
+    held: dict[int, Any] = {}
+    try:
+        for _ in range(2):  # each process holds at most one connection
+            c = client(port)
+            held[int(c.recv(100))] = c
+        assert proc.pid in held and len(held) == 2
+        (child,) = set(held) - {proc.pid}
+        proc.terminate()  # SIGTERM: the parent sets stop
+        held.pop(child).close()  # the child's handler ends
+        with gevent.Timeout(10, AssertionError("the child did not stop with the parent")):
+            while not _gone(child):  # reaped by the parent's watcher
+                gevent.sleep(0.01)
+        assert proc.poll() is None  # the parent still waits for its handler
+        held.pop(proc.pid).close()
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert out.strip() == b"stopped"
+    finally:
+        for c in held.values():
+            c.close()
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_listening_socket_context_manager_and_repr() -> None:
     with Switch() as sw:
         with net.listen(Tcp("127.0.0.1", 0), sw=sw) as lsock:
