@@ -28,7 +28,6 @@ from ._acceptor import Acceptor, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
     AddressLookupFailed,
-    ConnectionFailure,
     NoMatchingAddresses,
     add_note,
     reraise,
@@ -312,7 +311,10 @@ def _is_ip(host: str) -> bool:
 
 def connect_flow(addr: Tcp | Unix, timeout: float | None) -> Flow:
     """Connect one socket to ``addr`` (an IP literal or a path); not owned by a switch."""
-    sock = gsocket.socket(addr.family, _stdsocket.SOCK_STREAM)
+    try:
+        sock = gsocket.socket(addr.family, _stdsocket.SOCK_STREAM)
+    except OSError as exc:  # e.g. EAFNOSUPPORT: no IPv6 on this host
+        reraise(exc, f"connecting to {addr}", connecting=True)
     try:
         sock.settimeout(timeout)
         sock.connect(addr.sockaddr)
@@ -385,7 +387,7 @@ def _connect_sequential(host: str, service: str, timeout: float | None) -> Flow:
     for target in _tcp_targets(host, service):
         try:
             return connect_flow(target, timeout)
-        except ConnectionFailure as exc:
+        except OSError as exc:  # any failure of this address: try the next one
             failures.append(exc)
     _raise_last(failures, host, service)
     raise AssertionError("unreachable")
@@ -411,7 +413,7 @@ def _connect_happy_eyeballs(host: str, service: str, timeout: float | None,
     def attempt(target: Tcp, failed: Event) -> None:
         try:
             flow = connect_flow(target, timeout)
-        except ConnectionFailure as exc:
+        except OSError as exc:  # any failure of this address: try the next one
             failures.append(exc)
             failed.set()
             return

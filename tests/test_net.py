@@ -232,6 +232,26 @@ def test_with_tcp_connect_tries_addresses_in_order(monkeypatch: pytest.MonkeyPat
         assert flow.closed
 
 
+@pytest.mark.parametrize("happy_eyeballs_delay", [None, 0.05])
+def test_with_tcp_connect_moves_on_after_any_error_of_an_address(
+        monkeypatch: pytest.MonkeyPatch, happy_eyeballs_delay: float | None) -> None:
+    # A link-local IPv6 address without its interface fails at once with EINVAL (no
+    # packet is sent), an error that is no ConnectionFailure: like an IPv6 "localhost"
+    # on a host without IPv6 (EADDRNOTAVAIL, EAFNOSUPPORT), it must not stop the
+    # attempts; the next address is tried and connects.
+    with Switch() as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
+        _targets(monkeypatch, [Tcp("fe80::1", lsock.address.port), lsock.address])
+        with net.with_tcp_connect("example", "x", timeout=5,
+                                  happy_eyeballs_delay=happy_eyeballs_delay) as flow:
+            assert flow.peer == lsock.address
+    _targets(monkeypatch, [Tcp("fe80::1", 9)])
+    with pytest.raises(OSError) as info, net.with_tcp_connect("example", "x"):
+        pass
+    assert info.value.errno == errno.EINVAL
+    assert "connecting to tcp:[fe80::1]:9" in info.value.__notes__
+
+
 def test_with_tcp_connect_raises_last_failure_with_earlier_in_notes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     dead1, dead2 = _free_port(), _free_port()
