@@ -110,7 +110,9 @@ class Acceptor:
     gets a gevent socket and the peer's address object. When it returns or raises, the
     socket is closed and the connection's slot freed. An ``Exception`` from the handler
     gets a note ``handling connection from <peer>`` and goes to ``on_error(exc, peer)``
-    (default: logged); if ``on_error`` raises, the fiber fails ``sw``.
+    (default: logged); if ``on_error`` raises, the fiber fails ``sw``. If the fiber cannot
+    be made (``spawn`` or the fork raises), the connection is closed and the error, noted
+    ``starting the handler for a connection from <peer>``, goes to ``on_error`` the same way.
 
     When ``accept`` fails in a way that means the listening socket itself is broken
     (``EBADF``, ``EINVAL``: shut down or not listening, ``ENOTSOCK``), the acceptor logs
@@ -333,13 +335,27 @@ class Acceptor:
             sock._sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
         peer = from_sockaddr(family, addr)
         self._count_in(sock)
-        if self._spawn is None:
-            g = self._sw._fork_owning(self._serve_fn, self._unserved_fn, sock, peer,
-                                      context=self._context)
-        else:
-            g = self._spawn(self._serve, sock, peer)
+        try:
+            if self._spawn is None:
+                g = self._sw._fork_owning(self._serve_fn, self._unserved_fn, sock, peer,
+                                          context=self._context)
+            else:
+                g = self._spawn(self._serve, sock, peer)
+        except Exception as exc:
+            self._spawn_failed(exc, sock, peer)
+            return
         if sock in self._conns:
             self._conns[sock] = g
+
+    def _spawn_failed(self, exc: Exception, sock: gsocket.socket, peer: Any) -> None:
+        # The connection's fiber could not be made: free the connection (its client
+        # sees end of file) and report why as for a handler, then go on accepting.
+        self._release(sock)
+        add_note(exc, f"starting the handler for a connection from {peer}")
+        try:
+            self._on_error(exc, peer)
+        except Exception as raised:  # as from a connection fiber: it fails the switch
+            self._sw.fail(raised)
 
     def _count_in(self, sock: gsocket.socket) -> None:
         self._conns[sock] = None

@@ -389,3 +389,29 @@ def test_our_tcp_listeners_have_nodelay_and_unix_ones_need_none(tmp_path: Any) -
         # no setsockopt per connection on either
         assert [nodelay for _, _, nodelay in acc._accept_args] == [False, False]
         acc.close(close_listeners=False)
+
+
+def test_a_failing_spawn_closes_that_connection_reports_it_and_keeps_serving() -> None:
+    errors: list[tuple[Exception, Any]] = []
+    failures = [RuntimeError("no greenlet for you")]
+
+    def spawn(fn: Any, *args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return gevent.spawn(fn, *args)
+
+    with serving(spawn=spawn, on_error=lambda exc, peer: errors.append((exc, peer))) \
+            as (acc, port):
+        refused = client(port)
+        assert recv_all(refused) == b""  # closed, not left hanging
+        wait_until(lambda: acc.active == 0)
+        c = client(port)
+        c.sendall(b"still here")
+        assert c.recv(100) == b"still here"
+        c.close()
+        refused.close()
+        acc.idle.wait()
+    ((exc, peer),) = errors
+    assert str(exc) == "no greenlet for you"
+    assert exc.__notes__ == [f"starting the handler for a connection from {peer}"]
+    assert acc.stats["accepted"] == 2 and acc.stats["active"] == 0

@@ -3,25 +3,26 @@ against ``greenserve.server.StreamServer``, the way gevent's ``test__server_pyws
 runs it against ``WSGIServer``: the same test classes with a ``Settings`` whose
 ``ServerClass``/``ServerSubClass`` are ours.
 
-Every test runs and must pass, except one, skipped below with the reason:
+Every test runs and must pass. Three of gevent's tests reach into gevent's private
+machinery; each is replaced below by the same check made through greenserve's:
 
 - ``TestSSLGetCertificate.test_wrap_socket_and_handle_wrap_failure`` replaces the
-  instance attribute ``server.wrap_socket`` and calls the private ``server._handle``,
-  expecting the replacement to be called: in gevent, ``_handle`` *is* the TLS-wrapping
-  path. greenserve has neither: the TLS handshake runs in the engine (``ssl_context``,
-  bounded by ``handshake_timeout``) before the handler is called. What the test
-  protects (a failing wrap neither breaks the server nor turns into another error,
-  gevent issue #1236) is tested in ``tests/test_server.py``
-  (``test_failed_tls_handshake_closes_only_that_connection``).
+  instance attribute ``server.wrap_socket`` and calls the private ``server._handle``:
+  in gevent, ``_handle`` *is* the TLS-wrapping path. greenserve's engine does the
+  handshake before the handler; its public ``wrap_socket_and_handle`` is checked
+  instead: a failing wrap raises its own error (no follow-on error, gevent issue #1236)
+  and the handler is not called.
+- ``test_error_in_spawn`` replaces the spawn function gevent calls. With
+  ``spawn='default'`` (two classes below) the engine forks the handler in the server's
+  Switch: that fork is made to fail instead, with the same expectations (the error goes
+  to the hub's ``handle_error``, the client sees the connection closed).
 
 (``TestSSLSocketNotAllowed.test`` is skipped by gevent itself on Python 3: it needs the
 Python 2 ``socket.ssl``. Our ``set_listener`` check for TLS sockets is tested in
 ``tests/test_server.py``.)
 
 Two more classes run the same tests with greenserve's own choices: ``spawn='default'``
-(handlers owned by the server's Switch) and ``max_connections=2`` instead of a pool. There,
-``test_error_in_spawn`` (which replaces the spawn function gevent calls) does not apply:
-'default' has no spawn function to replace.
+(handlers owned by the server's Switch) and ``max_connections=2`` instead of a pool.
 
 The leak check of ``tests/conftest.py`` applies to these tests as to ours. One warning is
 ignored, for one class: gevent's TLS *client* helper used by ``TestSSLGetCertificate``
@@ -30,10 +31,11 @@ uses the deprecated ``ssl.PROTOCOL_TLS`` (our server does not).
 
 from __future__ import annotations
 
-import unittest
+import ssl
 from typing import Any
 
 import pytest
+from gevent import socket as gsocket
 
 from greenserve.server import StreamServer
 
@@ -79,14 +81,43 @@ class TestSSLSocketNotAllowed(gevent_suite.TestSSLSocketNotAllowed):
 class TestSSLGetCertificate(gevent_suite.TestSSLGetCertificate):
     Settings = Settings
 
-    @unittest.skip("asserts a gevent implementation detail: the private server._handle "
-                   "calling the instance attribute server.wrap_socket; greenserve's engine "
-                   "does the TLS handshake before the handler (see the module docstring)")
     def test_wrap_socket_and_handle_wrap_failure(self) -> None:
-        raise AssertionError("skipped")
+        self.init_server()
+        called: list[Any] = []
+        self.server.set_handle(lambda *args: called.append(args))
+        ours, peer = gsocket.socketpair()
+        try:
+            peer.sendall(b"GET / HTTP/1.0\r\n\r\n")  # no TLS client hello
+            with self.assertRaises(ssl.SSLError):
+                self.server.wrap_socket_and_handle(ours, ("127.0.0.1", 1))
+        finally:
+            ours.close()
+            peer.close()
+        self.assertEqual(called, [])
 
 
-class TestSwitchSpawn(gevent_suite.TestDefaultSpawn):
+class ForkFails:
+    """``test_error_in_spawn`` for ``spawn='default'``: the Switch's fork fails."""
+
+    server: StreamServer
+
+    def test_error_in_spawn(self) -> None:
+        test: Any = self
+        test.init_server()
+        error = gevent_suite.ExpectedError("test_error_in_spawn")
+
+        def fork(*_args: Any, **_kw: Any) -> Any:
+            raise error
+
+        run = test.server._run
+        run.switch._fork_owning = fork
+        test.expect_one_error()
+        test.assertAcceptedConnectionError()
+        test.assert_error(gevent_suite.ExpectedError, error)
+        test.assertEqual(run.acceptor.active, 0)  # the slot is free again
+
+
+class TestSwitchSpawn(ForkFails, gevent_suite.TestDefaultSpawn):
     """gevent's tests with greenserve's default: handlers owned by the server's Switch."""
 
     Settings = Settings
@@ -94,12 +125,8 @@ class TestSwitchSpawn(gevent_suite.TestDefaultSpawn):
     def get_spawn(self) -> Any:
         return "default"
 
-    @unittest.skip("'default' has no spawn function for the test to replace")
-    def test_error_in_spawn(self) -> None:
-        raise AssertionError("skipped")
 
-
-class TestMaxConnections(gevent_suite.TestPoolSpawn):
+class TestMaxConnections(ForkFails, gevent_suite.TestPoolSpawn):
     """gevent's pool tests with greenserve's limit instead of a pool of 2."""
 
     Settings = Settings
@@ -111,7 +138,3 @@ class TestMaxConnections(gevent_suite.TestPoolSpawn):
         kwargs = super().fill_default_server_args(kwargs)
         kwargs.setdefault("max_connections", 2)
         return kwargs
-
-    @unittest.skip("'default' has no spawn function for the test to replace")
-    def test_error_in_spawn(self) -> None:
-        raise AssertionError("skipped")
