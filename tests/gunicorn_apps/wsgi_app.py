@@ -5,7 +5,8 @@ client's port: the same on one keep-alive connection) and ``server`` (the enviro
 SERVER_NAME:SERVER_PORT, i.e. which bind accepted it).
 
 - ``GET /``: answers at once.
-- ``GET /slow?id=X``: creates ``$GS_STATE_DIR/X.started``, then waits (polling) until
+- ``GET /slow?id=X``: creates ``$GS_STATE_DIR/X.started`` holding the number of held
+  requests in this worker counting itself, then waits (polling) until
   ``$GS_STATE_DIR/X.release`` exists, then answers: a request the test holds in flight.
 - ``GET /sleep?s=S``: answers after ``S`` seconds (a request that takes its time).
 """
@@ -47,9 +48,17 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     return [body.encode()]
 
 
+_held = 0  # /slow requests running in this worker
+
+
 def _hold(name: str) -> None:
+    global _held
     state = Path(os.environ["GS_STATE_DIR"])
-    (state / f"{name}.started").touch()
-    deadline = time.monotonic() + MAX_HOLD
-    while not (state / f"{name}.release").exists() and time.monotonic() < deadline:
-        gevent.sleep(POLL)
+    _held += 1
+    try:
+        (state / f"{name}.started").write_text(str(_held))
+        deadline = time.monotonic() + MAX_HOLD
+        while not (state / f"{name}.release").exists() and time.monotonic() < deadline:
+            gevent.sleep(POLL)
+    finally:
+        _held -= 1
