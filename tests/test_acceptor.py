@@ -415,3 +415,16 @@ def test_a_failing_spawn_closes_that_connection_reports_it_and_keeps_serving() -
     assert str(exc) == "no greenlet for you"
     assert exc.__notes__ == [f"starting the handler for a connection from {peer}"]
     assert acc.stats["accepted"] == 2 and acc.stats["active"] == 0
+
+
+def test_on_error_raising_for_a_failed_spawn_fails_the_switch() -> None:
+    def spawn(fn: Any, *args: Any) -> Any:
+        raise RuntimeError("no greenlet")
+
+    def on_error(exc: Exception, peer: Any) -> None:
+        raise ValueError("give up") from exc
+
+    with pytest.raises(ValueError, match="give up"), \
+            serving(spawn=spawn, on_error=on_error) as (acc, port), client(port):
+        Event().wait(5)  # never set: the switch's failure cancels this wait
+    assert acc.active == 0 and acc.closed

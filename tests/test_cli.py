@@ -130,18 +130,27 @@ def test_shutdown_timeout_closes_lingering_connections() -> None:
         assert proc.returncode == 0
 
 
-def test_systemd_listen_fds() -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
+def _socket_activated(sock: socket.socket) -> Any:
+    """``greenserve echo`` started as systemd does, with ``sock`` as its fd 3."""
     # The child must see the socket as fd 3: dup it there in the child via a shim.
     fd = sock.fileno()
     shim = ("import os,sys;os.dup2(int(sys.argv[1]),3);os.environ['LISTEN_PID']=str(os.getpid());"
             "from greenserve.cli import main;sys.exit(main(['echo']))")
-    proc = subprocess.Popen([sys.executable, "-c", shim, str(fd)], cwd=ROOT, pass_fds=(fd,),
+    return subprocess.Popen([sys.executable, "-c", shim, str(fd)], cwd=ROOT, pass_fds=(fd,),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=_env(LISTEN_FDS="1"))
+
+
+def _listener() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return sock, sock.getsockname()[1]
+
+
+def test_systemd_listen_fds() -> None:
+    sock, port = _listener()
+    proc = _socket_activated(sock)
     sock.close()
     try:
         assert proc.stdout.readline().decode().strip() == f"listening on tcp:127.0.0.1:{port}"
@@ -158,16 +167,8 @@ def test_systemd_listen_fds() -> None:
 def test_a_broken_listening_socket_ends_the_cli_with_one_line_and_exit_1() -> None:
     # The child serves a listening socket this process shares; shutting it down here
     # makes the child's accept() fail with EINVAL: it stops (no traceback), exit 1.
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
-    fd = sock.fileno()
-    shim = ("import os,sys;os.dup2(int(sys.argv[1]),3);os.environ['LISTEN_PID']=str(os.getpid());"
-            "from greenserve.cli import main;sys.exit(main(['echo']))")
-    proc = subprocess.Popen([sys.executable, "-c", shim, str(fd)], cwd=ROOT, pass_fds=(fd,),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(LISTEN_FDS="1"))
+    sock, port = _listener()
+    proc = _socket_activated(sock)
     try:
         assert proc.stdout.readline().decode().strip() == f"listening on tcp:127.0.0.1:{port}"
         sock.shutdown(socket.SHUT_RD)

@@ -1627,6 +1627,17 @@ def test_a_broken_listening_socket_closes_the_server_and_is_raised(mode: str) ->
     assert server.listening_socket.fileno() == -1
 
 
+
+def test_a_broken_listening_socket_fails_the_servers_switch() -> None:
+    with pytest.raises(OSError) as info, Switch() as sw:
+        server = tcp.Server.create_sock(tcp.WhereToListen.bind_to("127.0.0.1", 0),
+                                        lambda addr, sock: None, sw=sw)
+        server.listening_socket._sock.shutdown(socket.SHUT_RD)
+        server.close_finished.wait(TIMEOUT)  # cancelled here once the switch failed
+    assert info.value.errno == errno.EINVAL
+    assert server.is_closed
+
+
 TAG: contextvars.ContextVar[str] = contextvars.ContextVar("tag", default="-")
 
 
