@@ -27,9 +27,9 @@ Design rules:
 
 from __future__ import annotations
 
-import _socket
 import contextvars
 import errno
+import functools
 import logging
 import os
 import socket as _stdsocket
@@ -43,7 +43,7 @@ from gevent import Greenlet, getcurrent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from . import _tls
+from . import _gevent, _tls
 from ._proxy import ProxyProtocolError, read_proxy_header
 from .address import Tcp, Unix, from_sockaddr
 from .errors import Cancelled, NetError, add_note
@@ -90,7 +90,8 @@ class _RateLimitedLog:
         self._last: dict[int | None, float] = {}
         self._suppressed: dict[int | None, int] = {}
 
-    def __call__(self, level: int, code: int | None, msg: str, *args: Any) -> None:
+    def __call__(self, level: int, code: int | None, msg: str, *args: Any,
+                 exc_info: BaseException | None = None) -> None:
         now = time.monotonic()
         last = self._last.get(code)
         if last is not None and now - last < LOG_INTERVAL:
@@ -100,7 +101,7 @@ class _RateLimitedLog:
         more = self._suppressed.pop(code, 0)
         if more:
             msg += f" ({more} more since the last report)"
-        log.log(level, msg, *args)
+        log.log(level, msg, *args, exc_info=exc_info)
 
 
 class Acceptor:
@@ -242,7 +243,7 @@ class Acceptor:
         """
         for sock, g in list(self._conns.items()):
             self._aborted.add(sock)
-            _shutdown(self._wrapped.get(sock, sock))
+            _gevent.kernel_shutdown(self._wrapped.get(sock, sock))
             if g is not None:
                 self._cancel(g)
 
@@ -253,7 +254,7 @@ class Acceptor:
         if sock not in self._conns:
             return
         self._aborted.add(sock)
-        _shutdown(self._wrapped.get(sock, sock))
+        _gevent.kernel_shutdown(self._wrapped.get(sock, sock))
         g = self._conns[sock]
         if g is not None:
             self._cancel(g)
@@ -279,15 +280,33 @@ class Acceptor:
     # -- the accept loop (runs in the hub) -----------------------------------------------
 
     def _accept_batch(self, listener: gsocket.socket, family: int, nodelay: bool) -> None:
-        raw = listener._sock
+        # Nothing may escape this callback: gevent stops a watcher whose callback raised,
+        # while _watching would still say it runs, and the listener would be deaf.
+        try:
+            self._accept_some(listener, family, nodelay)
+        except Exception as exc:  # a bug of ours, not the client's: say so, go on
+            self._log(logging.ERROR, -2, "%s: accepting failed unexpectedly: %r",
+                      self.name, exc, exc_info=exc)
+        except BaseException:
+            self._watching = False  # as gevent left it; _update() restarts the watchers
+            for w in self._watchers:
+                w.stop()
+            gevent.get_hub().loop.run_callback(self._update)
+            raise
+
+    def _accept_some(self, listener: gsocket.socket, family: int, nodelay: bool) -> None:
         if self._spawn is None and self._sw.cancelled:
             self.close(close_listeners=False)  # the owner is going away: so are we
+            return
+        raw = _gevent.raw_socket(listener)
+        if raw is None:  # closed under us: as accept() on a closed fd would say
+            self._accept_failed(OSError(errno.EBADF, "the listening socket was closed"))
             return
         for _ in range(self.max_accepts_per_batch):
             if not self._watching:
                 return
             try:
-                fd, addr = raw._accept()
+                fd, addr = _gevent.accept_raw(raw)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -330,10 +349,23 @@ class Acceptor:
             os.close(fd)
             self.stats["dropped"] += 1
             return
-        sock = gsocket.socket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
-        if nodelay:
-            sock._sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-        peer = from_sockaddr(family, addr)
+        try:
+            sock = gsocket.socket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if nodelay:
+                sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            peer = from_sockaddr(family, addr)
+        except OSError as exc:  # the peer left already (reset while in the backlog)
+            sock.close()
+            log.debug("%s: connection from %r gone before it was served: %s",
+                      self.name, addr, exc)
+            return
+        except BaseException:
+            sock.close()
+            raise
         self._count_in(sock)
         try:
             if self._spawn is None:
@@ -399,7 +431,8 @@ class Acceptor:
         finally:
             if conn is not sock and conn is not None:
                 conn.close()
-                self._wrapped.pop(sock, None)
+            if self._wrapped:
+                self._wrapped.pop(sock, None)  # also after a failed handshake
             self._release(sock)
 
     def _unserved(self, sock: gsocket.socket, peer: Any) -> None:
@@ -414,8 +447,10 @@ class Acceptor:
                 info = read_proxy_header(sock, timeout=self.handshake_timeout)
                 peer = info.source if info.source is not None else peer
             if self.ssl_context is not None:
-                conn = _tls.server_side(sock, self.ssl_context, self.handshake_timeout)
-                self._wrapped[sock] = conn
+                # Recorded before the handshake: the wrapper owns the fd from then on,
+                # and an abort during the handshake must shut the wrapper down.
+                conn = _tls.server_side(sock, self.ssl_context, self.handshake_timeout,
+                                        functools.partial(self._wrapped.__setitem__, sock))
         except (OSError, ProxyProtocolError, ssl.SSLError) as exc:
             self.stats["handshake_errors"] += 1
             kind = "PROXY header" if isinstance(exc, ProxyProtocolError) else "TLS handshake"
@@ -498,10 +533,4 @@ def check_connection_options(ssl_context: object, handshake_timeout: object,
             raise ValueError(f"idle_timeout must be > 0, not {idle_timeout}")
 
 
-def _shutdown(sock: gsocket.socket) -> None:
-    # The kernel's shutdown, not gevent's: gevent's also throws EBADF into a greenlet
-    # blocked on the socket, where a handler should see end of file (or Cancelled).
-    try:
-        _socket.socket.shutdown(sock._sock, _stdsocket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed or never connected: nothing to shut
+

@@ -7,10 +7,13 @@ connection fiber, a client's caller), bounded by a timeout, never in an accept l
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 import gevent
 from gevent import socket as gsocket
 from gevent import ssl as gssl
+
+from . import _gevent
 
 __all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "HandshakeTimeout", "check_context", "client_side",
            "context_from_files", "server_side"]
@@ -38,14 +41,19 @@ def context_from_files(certfile: str, keyfile: str | None = None) -> ssl.SSLCont
     return ctx
 
 
-def server_side(sock: gsocket.socket, ctx: ssl.SSLContext, timeout: float | None
+def server_side(sock: gsocket.socket, ctx: ssl.SSLContext, timeout: float | None,
+                on_wrapped: Callable[[gssl.SSLSocket], object] | None = None
                 ) -> gssl.SSLSocket:
     """Wrap an accepted socket and complete the server handshake within ``timeout``.
 
+    ``on_wrapped(tls)`` is called once the wrapper has taken the fd over, before the
+    handshake: from then on ``sock`` is detached, and whoever may need to shut the
+    connection down (the engine's abort) must use ``tls``.
     On failure the socket is closed and the error (``ssl.SSLError``, ``OSError``,
     :class:`HandshakeTimeout`) raised.
     """
-    return _handshake(sock, ctx, timeout, server_side=True, server_hostname=None)
+    return _handshake(sock, ctx, timeout, server_side=True, server_hostname=None,
+                      on_wrapped=on_wrapped)
 
 
 def client_side(sock: gsocket.socket, ctx: ssl.SSLContext, server_hostname: str | None,
@@ -55,14 +63,18 @@ def client_side(sock: gsocket.socket, ctx: ssl.SSLContext, server_hostname: str 
 
 
 def _handshake(sock: gsocket.socket, ctx: ssl.SSLContext, timeout: float | None, *,
-               server_side: bool, server_hostname: str | None) -> gssl.SSLSocket:
+               server_side: bool, server_hostname: str | None,
+               on_wrapped: Callable[[gssl.SSLSocket], object] | None = None
+               ) -> gssl.SSLSocket:
     try:
-        tls = gssl.SSLSocket(sock=sock, server_side=server_side, server_hostname=server_hostname,
-                             do_handshake_on_connect=False, _context=ctx)
+        tls = _gevent.tls_wrap(sock, ctx, server_side=server_side,
+                               server_hostname=server_hostname)
     except BaseException:
         sock.close()
         raise
     try:
+        if on_wrapped is not None:
+            on_wrapped(tls)
         with gevent.Timeout(timeout, HandshakeTimeout(f"TLS handshake took over {timeout} s")):
             tls.do_handshake()
     except BaseException:

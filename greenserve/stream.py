@@ -39,8 +39,10 @@ from typing import Any, NoReturn, Union
 
 import gevent
 from gevent import socket as gsocket
+from gevent import ssl as gssl
 from gevent.event import Event
 
+from . import _gevent
 from .errors import (
     ConnectionReset,
     IncompleteRead,
@@ -92,9 +94,6 @@ _CR = 13  # b"\r"[0]
 
 # Writer states (see the module docstring).
 _IDLE, _SCHEDULED, _WAITING = 0, 1, 2
-
-# libev's event mask for "writable".
-_WRITE = 2
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -394,7 +393,7 @@ class Writer:
 
     __slots__ = ("_age_limit", "_age_marks", "_buf", "_callback", "_closed", "_consumer_left",
                  "_error", "_fd", "_flushers", "_head", "_loop", "_on_failure", "_peer_left",
-                 "_raw", "_sent", "_sock", "_state", "_timer", "_watcher", "_written")
+                 "_raw", "_sent", "_sock", "_state", "_timer", "_tls", "_watcher", "_written")
 
     def __init__(self, sock: gsocket.socket,
                  buffer_age_limit: float | None = DEFAULT_BUFFER_AGE_LIMIT, *,
@@ -410,6 +409,7 @@ class Writer:
         # A plain gevent socket's non-blocking stdlib socket sends without gevent's
         # wrapper; a TLS socket must go through its SSL object.
         self._raw: Any = sock._sock if type(sock) is gsocket.socket else None
+        self._tls = isinstance(sock, gssl.SSLSocket)
         self._fd: int = fd
         self._loop = gevent.get_hub().loop
         self._buf = bytearray()
@@ -571,12 +571,17 @@ class Writer:
         head = self._head
         data = buf if head is None else head
         raw = self._raw
+        want = _gevent.WRITE
         try:
             if raw is not None and self._sock._sock is raw:
                 sent = raw.send(data)
+            elif self._tls:
+                # Never gevent's SSLSocket.send here: it waits (honouring the socket's
+                # timeout, not its argument), and the hub must not wait.
+                sent, want = _gevent.tls_send_nowait(self._sock, data)
             else:
-                # TLS, or closed by gevent (whose send raises EBADF then; the raw socket
-                # may not be closed yet). timeout=0.0: raise instead of waiting (hub).
+                # Closed by gevent (whose send raises EBADF then; the raw socket may not
+                # be closed yet). timeout=0.0: raise instead of waiting (hub).
                 sent = self._sock.send(data, 0, 0.0)
         except BlockingIOError:
             sent = 0
@@ -594,18 +599,24 @@ class Writer:
             if self._flushers:
                 self._wake_flushers()
         if buf:
-            self._wait_writable()
+            self._wait_for(want or _gevent.WRITE)
         else:
             self._become_idle()
 
-    def _wait_writable(self) -> None:
-        if self._state == _WAITING:
+    def _wait_for(self, event: int) -> None:
+        """Send again when the socket is ready: writable, or (TLS only, rarely: the
+        TLS layer needs the peer's bytes first) readable."""
+        watcher = self._watcher
+        if watcher is not None and watcher.events & _gevent.EVENTS != event:
+            watcher.close()  # a TLS write waited for the other event last time
+            watcher = self._watcher = None
+        if watcher is None:
+            watcher = self._watcher = self._loop.io(self._fd, event)
+        if self._state == _WAITING and watcher.active:
             return
         self._state = _WAITING
-        if self._watcher is None:
-            self._watcher = self._loop.io(self._fd, _WRITE)
-        self._watcher.start(self._send)
-        if self._age_limit is not None:
+        watcher.start(self._send)
+        if self._age_limit is not None and not (self._timer is not None and self._timer.active):
             self._start_age_checks(self._age_limit)
 
     def _become_idle(self) -> None:

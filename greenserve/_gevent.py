@@ -1,0 +1,97 @@
+"""The one place greenserve reaches into gevent's (and the stdlib socket's) internals.
+
+gevent's public socket API waits in the calling greenlet, which is right for handlers
+but wrong for the hub: a hub callback must never wait, and the engine's abort must not
+throw into a greenlet blocked on the socket. What greenserve needs below that API is
+here, each use with a test in tests/test_gevent_boundary.py that fails if a gevent
+release changes it:
+
+- ``sock._sock``: the stdlib socket under a gevent socket (non-blocking at the OS level);
+  gevent swaps it for a placeholder when the socket is closed or detached (a TLS wrapper
+  takes the fd over).
+- ``sock._wait(sock._read_event)``: wait for readability without a timeout object.
+- ``_socket.socket._accept()``: accept without building a socket object.
+- ``SSLSocket(sock=..., _context=...)``: wrap with a stdlib ``SSLContext`` as is.
+- ``SSLSocket._sslobj.write``: one TLS write that never waits (gevent's ``send``
+  honours the socket's timeout, not its ``timeout`` argument, and waits).
+"""
+
+from __future__ import annotations
+
+import _socket
+import socket as _stdsocket
+import ssl
+from typing import Any
+
+from gevent import socket as gsocket
+from gevent import ssl as gssl
+
+__all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "kernel_shutdown", "raw_socket", "tls_send_nowait",
+           "tls_wrap", "wait_readable"]
+
+# libev's event masks (a watcher's ``events`` may carry flags of libev's own above them).
+READ = 1
+WRITE = 2
+EVENTS = READ | WRITE
+
+
+def raw_socket(sock: Any) -> _socket.socket | None:
+    """The open stdlib socket under a gevent socket; ``None`` once closed or detached."""
+    raw = getattr(sock, "_sock", None)
+    if isinstance(raw, _socket.socket) and raw.fileno() >= 0:
+        return raw
+    return None
+
+
+def kernel_shutdown(sock: Any, how: int = _stdsocket.SHUT_RDWR) -> None:
+    """``shutdown(2)`` on a gevent socket, bypassing gevent's ``shutdown``.
+
+    gevent's throws ``EBADF`` into a greenlet blocked on the socket; the kernel's makes
+    a blocked ``recv`` return end of file and a blocked ``send`` fail with ``EPIPE``.
+    A closed or detached socket (its fd now belongs to a TLS wrapper) is left alone.
+    """
+    raw = raw_socket(sock)
+    if raw is None:
+        return
+    try:
+        raw.shutdown(how)
+    except OSError:
+        pass  # never connected, or the peer is gone already: nothing to shut
+
+
+def wait_readable(sock: gsocket.socket) -> None:
+    """Block the calling greenlet until ``sock`` is readable (honours its timeout)."""
+    sock._wait(sock._read_event)
+
+
+def accept_raw(raw: _socket.socket) -> tuple[int, Any]:
+    """Non-blocking ``accept`` of a stdlib listening socket: ``(fd, sockaddr)``."""
+    return raw._accept()  # type: ignore[attr-defined]
+
+
+def tls_wrap(sock: gsocket.socket, ctx: ssl.SSLContext, *, server_side: bool,
+             server_hostname: str | None) -> gssl.SSLSocket:
+    """Wrap a connected gevent socket with ``ctx``, without a handshake yet. The wrapper
+    takes over the fd: ``sock`` is detached (closed in gevent's eyes) on success."""
+    return gssl.SSLSocket(sock=sock, server_side=server_side, server_hostname=server_hostname,
+                          do_handshake_on_connect=False, _context=ctx)
+
+
+def tls_send_nowait(tls: gssl.SSLSocket, data: Any) -> tuple[int, int]:
+    """One TLS write that never waits: ``(bytes taken, event to wait for)``.
+
+    The event is 0 when everything was taken, else ``WRITE`` (the kernel buffer is
+    full) or ``READ`` (the TLS layer needs the peer's data first). OpenSSL requires
+    the retry to start with the same bytes: callers keep the unsent data as it is.
+    Raises ``OSError`` (``EBADF`` for a closed wrapper; ``ssl.SSLError`` and the
+    socket's errors as they come).
+    """
+    sslobj = tls._sslobj
+    if sslobj is None or tls.fileno() < 0:
+        raise OSError(9, "Bad file descriptor")  # closed or unwrapped
+    try:
+        return sslobj.write(data), 0
+    except ssl.SSLWantWriteError:
+        return 0, WRITE
+    except ssl.SSLWantReadError:
+        return 0, READ

@@ -1,0 +1,135 @@
+"""greenserve._gevent: each gevent (or stdlib) internal greenserve relies on, checked
+against the installed gevent. A gevent release that changes one of them fails here,
+by name, instead of somewhere deep in a server."""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import socket
+import ssl
+from typing import Any
+
+import gevent
+import pytest
+from gevent import socket as gsocket
+from gevent import ssl as gssl
+
+from greenserve import _gevent
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_raw_socket_is_the_stdlib_socket_until_closed() -> None:
+    a, b = gsocket.socketpair()
+    try:
+        raw = _gevent.raw_socket(a)
+        # A subclass of the C socket (gevent's weak-referenceable one): its methods are
+        # the kernel's, never gevent's waiting ones.
+        assert isinstance(raw, _socket.socket) and type(raw).send is _socket.socket.send
+        assert raw.gettimeout() == 0.0  # non-blocking at the OS level
+        assert raw is not None and raw.fileno() == a.fileno()
+    finally:
+        a.close()
+        b.close()
+    assert _gevent.raw_socket(a) is None
+
+
+def test_kernel_shutdown_wakes_a_blocked_reader_with_end_of_file() -> None:
+    a, b = gsocket.socketpair()
+    try:
+        reader = gevent.spawn(a.recv, 10)
+        gevent.sleep(0)
+        _gevent.kernel_shutdown(a)
+        assert reader.get(timeout=5) == b""  # gevent's own shutdown would raise EBADF
+        assert b.recv(10) == b""  # the peer sees end of file too
+    finally:
+        a.close()
+        b.close()
+    _gevent.kernel_shutdown(a)  # closed: nothing to do, no error
+
+
+def test_wait_readable_returns_once_data_arrives() -> None:
+    a, b = gsocket.socketpair()
+    try:
+        waiter = gevent.spawn(_gevent.wait_readable, a)
+        gevent.sleep(0)
+        assert not waiter.dead
+        b.sendall(b"x")
+        waiter.get(timeout=5)
+        assert a.recv(1) == b"x"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_accept_raw_returns_an_fd_and_a_sockaddr() -> None:
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    raw = _gevent.raw_socket(listener)
+    assert raw is not None
+    try:
+        with pytest.raises(BlockingIOError):
+            _gevent.accept_raw(raw)  # non-blocking: nobody is waiting
+        client = socket.create_connection(listener.getsockname())
+        fd, addr = _gevent.accept_raw(raw)
+        try:
+            assert isinstance(fd, int) and addr == client.getsockname()
+        finally:
+            socket.socket(fileno=fd).close()
+            client.close()
+    finally:
+        listener.close()
+
+
+def _tls_pair(certs: Any) -> tuple[gssl.SSLSocket, gssl.SSLSocket]:
+    a, b = gsocket.socketpair()
+    server = _gevent.tls_wrap(a, certs.server_context(), server_side=True, server_hostname=None)
+    client = _gevent.tls_wrap(b, certs.client_context(), server_side=False,
+                              server_hostname="localhost")
+    assert _gevent.raw_socket(a) is None  # the wrapper took the fd over
+    handshake = gevent.spawn(server.do_handshake)
+    client.do_handshake()
+    handshake.get(timeout=5)
+    return server, client
+
+
+def test_tls_wrap_takes_a_stdlib_context_and_tls_send_nowait_never_waits(certs: Any) -> None:
+    server, client = _tls_pair(certs)
+    try:
+        assert _gevent.tls_send_nowait(server, b"hello") == (5, 0)
+        assert client.recv(5) == b"hello"
+        # Nobody reads: the kernel buffers fill and the write asks to wait for WRITE,
+        # in this greenlet, without blocking (a blocking send would raise here).
+        chunk = b"x" * 65536
+        with gevent.Timeout(5):
+            while _gevent.tls_send_nowait(server, chunk) != (0, _gevent.WRITE):
+                pass
+    finally:
+        server.close()
+        client.close()
+    with pytest.raises(OSError) as info:
+        _gevent.tls_send_nowait(server, b"late")
+    assert info.value.errno == errno.EBADF
+
+
+def test_event_masks_are_libevs() -> None:
+    loop = gevent.get_hub().loop
+    a, b = gsocket.socketpair()
+    try:
+        read = loop.io(a.fileno(), _gevent.READ)
+        write = loop.io(a.fileno(), _gevent.WRITE)
+        mask = _gevent.READ | _gevent.WRITE  # libev adds flags of its own above these
+        assert (read.events & mask, write.events & mask) == (1, 2)
+        read.close()
+        write.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_tls_error_classes_are_the_stdlibs() -> None:
+    # tls_send_nowait catches the stdlib's classes: gevent must raise those.
+    assert gssl.SSLWantWriteError is ssl.SSLWantWriteError
+    assert gssl.SSLWantReadError is ssl.SSLWantReadError
