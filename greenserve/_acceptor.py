@@ -69,6 +69,11 @@ _RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() errors that mean the listening socket itself is gone: stop serving.
 _FATAL = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 
+# What a handler sees when its peer goes away: a reset, a broken pipe, end of file in the
+# middle of a message (IncompleteRead is an EOFError), TLS's versions of these.
+_PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, EOFError,
+              ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
 # Back-off after a resource error: short enough that a freed fd is used quickly
 # (a finishing connection also resumes at once), doubling to a cap that keeps a
 # persistently exhausted process from spinning. The cap is half a second: fds freed by
@@ -185,10 +190,12 @@ class Acceptor:
         self.active = 0
         self.stats = {"accepted": 0, "active": 0, "dropped": 0, "handler_errors": 0,
                       "accept_errors": 0, "peak_active": 0, "handshake_errors": 0,
-                      "idle_timeouts": 0}
+                      "idle_timeouts": 0, "peer_gone": 0}
         self.idle = Event()  # set while no connection is active
         self.idle.set()
         self._log = _RateLimitedLog()
+        # The engine lives no longer than its owner: its watchers must not outlive it.
+        sw.on_release(functools.partial(self.close, close_listeners=False))
 
     # -- control -----------------------------------------------------------------------
 
@@ -420,6 +427,8 @@ class Acceptor:
                 log.debug("%s: connection from %s aborted; its handler ended with %r",
                           self.name, peer, exc)
                 return
+            if self.peer_left(sock, peer, exc):
+                return
             if self.idle_timeout is not None and _is_socket_timeout(exc):
                 self.stats["idle_timeouts"] += 1
                 log.debug("%s: connection from %s idle for %s s: closed",
@@ -434,6 +443,18 @@ class Acceptor:
             if self._wrapped:
                 self._wrapped.pop(sock, None)  # also after a failed handshake
             self._release(sock)
+
+    def peer_left(self, sock: gsocket.socket, peer: Any, exc: BaseException) -> bool:
+        """True if ``exc``, raised in the handler of connection ``sock``, is its peer going
+        away (a reset, a broken pipe, end of file in the middle of a message) and the
+        connection's own socket confirms it; then it is logged once at ``DEBUG`` and
+        counted in ``stats["peer_gone"]``, not reported as a handler error. A face that
+        closes the socket before the engine sees the exception asks here first."""
+        if not isinstance(exc, _PEER_GONE) or not _gevent.peer_gone(self._wrapped.get(sock, sock)):
+            return False
+        self.stats["peer_gone"] += 1
+        log.debug("%s: %s went away: %s", self.name, peer, exc)
+        return True
 
     def _unserved(self, sock: gsocket.socket, peer: Any) -> None:
         # The fiber was cancelled before it started: just free the connection.

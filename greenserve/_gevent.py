@@ -26,8 +26,8 @@ from typing import Any
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
-__all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "kernel_shutdown", "raw_socket", "tls_send_nowait",
-           "tls_wrap", "wait_readable"]
+__all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "kernel_shutdown", "peer_gone", "raw_socket",
+           "tls_send_nowait", "tls_wrap", "wait_readable"]
 
 # libev's event masks (a watcher's ``events`` may carry flags of libev's own above them).
 READ = 1
@@ -57,6 +57,21 @@ def kernel_shutdown(sock: Any, how: int = _stdsocket.SHUT_RDWR) -> None:
         raw.shutdown(how)
     except OSError:
         pass  # never connected, or the peer is gone already: nothing to shut
+
+
+def peer_gone(sock: Any) -> bool:
+    """True if the peer of a connected stream socket has gone: its end of file or its
+    reset is what the kernel holds next (peeked, nothing consumed, never waiting).
+    False while the connection is alive, or when ``sock`` is closed (nothing to ask)."""
+    raw = raw_socket(sock)
+    if raw is None:
+        return False
+    try:
+        return not raw.recv(1, _stdsocket.MSG_PEEK)
+    except BlockingIOError:
+        return False  # alive, nothing to read
+    except OSError:
+        return True   # ECONNRESET, ENOTCONN, EPIPE: the connection is broken
 
 
 def wait_readable(sock: gsocket.socket) -> None:

@@ -335,8 +335,16 @@ class TCPWorker(_EngineWorker):
 
     def _serve_connection(self, conn: Any, peer: Tcp | Unix) -> None:
         self._count_request()
-        with Flow(conn, peer=peer) as flow:
+        flow = Flow(conn, peer=peer)
+        try:
             self.wsgi(flow, peer)  # gunicorn's name for what it loaded: our handler
+        except Exception as exc:
+            # Asked before the flow closes the socket, which the engine checks with.
+            acceptor = self._acceptor
+            if acceptor is None or not acceptor.peer_left(conn, peer, exc):
+                raise
+        finally:
+            flow.close()
 
     def _count_request(self) -> None:
         self.nr += 1

@@ -15,10 +15,11 @@ Design rules:
   is closed (flushed, at most 30 s) and then the reader. A writer whose peer stopped
   reading for ``buffer_age_limit`` seconds makes the engine abort that connection (the
   socket is shut down, the handler cancelled), which frees its slot.
-- The connection's own failures are not handler errors: a handler that ends with the
-  ``ConnectionReset`` or ``WriterBufferAgeExceeded`` of its own connection is logged at
-  debug level and does not reach ``on_handler_error`` (a peer that resets must not close a
-  server running with the default ``"raise"``).
+- The connection's own end is not a handler error: a handler that ends because its peer
+  went away (a reset, a broken pipe, end of file in the middle of a message, as the
+  connection's socket confirms) or with its writer's ``WriterBufferAgeExceeded`` is logged
+  at debug level and does not reach ``on_handler_error`` (a peer that resets must not
+  close a server running with the default ``"raise"``).
 - The client connects in the caller's greenlet under one deadline (``timeout``), which
   also covers name resolution and the TLS handshake; ``interrupt`` (an Event) is a second
   way out. The socket is closed on every failure path.
@@ -47,7 +48,6 @@ from ._acceptor import Acceptor, check_connection_options, check_limits
 from .address import Fd, Tcp, Unix, parse_address
 from .errors import (
     ConnectInterrupted,
-    ConnectionReset,
     ConnectTimeout,
     WriterBufferAgeExceeded,
     add_note,
@@ -324,12 +324,13 @@ class Server:
         reader = Reader(sock)
         try:
             self._handler(peer, reader, writer)
-        except (ConnectionReset, WriterBufferAgeExceeded) as exc:
-            if not _own_failure(exc, sock, reader, writer):
+        except Exception as exc:
+            # Asked before the streams close the socket: the engine checks with the
+            # socket whether the peer went away (then: one DEBUG line, no handler error).
+            if exc is writer._error and isinstance(exc, WriterBufferAgeExceeded):
+                return  # _writer_failed ended the connection and logged it
+            if not self._acceptor.peer_left(sock, peer, exc):
                 raise
-            log.debug("%s: connection from %s ended: %s", self._acceptor.name, peer, exc)
-        except Exception:
-            raise
         except GreenletExit:
             raise
         except BaseException as exc:
@@ -504,8 +505,9 @@ class Server:
         return self._acceptor.active
 
     @property
-    def listening_on(self) -> int | str:
-        """The port (TCP) or path (unix) the server listens on."""
+    def listening_on(self) -> int | str | bytes:
+        """The port (TCP) or path (unix: ``bytes`` only for a name text cannot hold) the
+        server listens on."""
         addr = self._lsock.address
         return addr.port if isinstance(addr, Tcp) else addr.path
 
@@ -612,20 +614,6 @@ def _is_bound(sock: gsocket.socket) -> bool:
     if sock.family == _stdsocket.AF_UNIX:
         return bool(name)
     return bool(name[1])
-
-
-def _own_failure(exc: BaseException, sock: Any, reader: Reader, writer: Writer) -> bool:
-    """True if ``exc`` is this connection breaking (its reader's or writer's error, or a
-    reset of its own socket), not an error of something else the handler talked to."""
-    if exc is writer._error or exc is reader._error:
-        return True
-    if not isinstance(exc, ConnectionReset) or sock.family == _stdsocket.AF_UNIX:
-        return isinstance(exc, ConnectionReset) and writer.consumer_left.is_set()
-    try:
-        sock.getpeername()
-    except OSError as err:
-        return err.errno == errno.ENOTCONN  # a reset TCP socket has no peer any more
-    return False
 
 
 # -- the client -------------------------------------------------------------------------------
