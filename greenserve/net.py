@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
 import socket as _stdsocket
@@ -24,7 +25,7 @@ from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
 from . import _tls
-from ._acceptor import Acceptor, check_limits
+from ._acceptor import Acceptor, check_connection_options, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
     AddressLookupFailed,
@@ -38,7 +39,7 @@ from .switch import Switch
 __all__ = [
     "accept", "accept_fork", "connect", "datagram_socket", "getaddrinfo",
     "getaddrinfo_datagram", "getaddrinfo_stream", "getnameinfo", "listen", "recv",
-    "run_server", "send", "with_tcp_connect",
+    "run_server", "send", "serve_listeners", "with_tcp_connect",
 ]
 
 log = logging.getLogger("greenserve")
@@ -128,74 +129,166 @@ def _serve_flow(flow: Flow, addr: Any, handler: Callable[[Flow, Any], object],
             on_error(exc)
 
 
+def _check_seconds(name: str, value: object, *, optional: bool) -> float | None:
+    """A duration argument in seconds: ``TypeError`` naming it for anything but an
+    ``int``/``float`` (``bool`` included), ``ValueError`` for NaN, infinity or <= 0.
+    ``None`` is accepted (and returned) only when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a number of seconds or None" if optional else "a number of seconds"
+        raise TypeError(f"{name} must be {kind}, not {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number of seconds > 0, not {value}")
+    return float(value)
+
+
+def _check_event(name: str, value: object, kinds: tuple[type, ...]) -> None:
+    if value is not None and not isinstance(value, kinds):
+        wanted = " or ".join(k.__name__ for k in kinds)
+        raise TypeError(f"{name} must be a gevent {wanted} or None, not {type(value).__name__}")
+
+
 def run_server(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], *,
                on_error: OnError, max_connections: int | None = None,
-               additional_processes: int = 0, stop: Event | AsyncResult | None = None) -> Any:
+               additional_processes: int = 0, stop: Event | AsyncResult | None = None,
+               drain_timeout: float | None = None, ssl_context: ssl.SSLContext | None = None,
+               handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
+               proxy_protocol: bool = False, idle_timeout: float | None = None) -> Any:
     """Accept connections on ``lsock`` and run ``handler(flow, addr)`` for each in its
     own fiber, with at most ``max_connections`` at once (no accept while at the limit).
 
     Runs until cancelled, or until ``stop`` (an ``Event`` or ``AsyncResult``) is set:
     then accepting stops, running handlers finish, and the ``AsyncResult``'s value is
-    returned (``None`` for an ``Event``). ``additional_processes=N`` forks N more
-    processes serving the same socket; setting ``stop`` stops them all.
+    returned (``None`` for an ``Event``). ``drain_timeout`` (seconds; ``None``: wait
+    for the handlers however long they take): handlers still running that long after
+    ``stop`` was set have their connections shut down and are cancelled; run_server
+    returns once they have unwound. ``additional_processes=N`` forks N more processes
+    serving the same socket; setting ``stop`` stops them all, with the same deadline.
+
+    Per connection, before the handler: ``proxy_protocol`` reads a PROXY v1/v2 header
+    (``addr`` is then the client it names), ``ssl_context`` completes a TLS handshake
+    (the flow then reads and writes plaintext), both within ``handshake_timeout``
+    seconds; a connection that fails them is closed (logged at INFO) and the handler
+    is not called. ``idle_timeout``: a read or write that waits longer ends the
+    connection quietly.
+
     Error handling: as :func:`accept_fork`; out-of-fds and similar accept errors are
     logged (rate limited) and retried after a back-off. An accept error that means the
     listening socket itself is broken (``EBADF``, ``EINVAL``, ``ENOTSOCK``: closed, shut
     down or not listening) ends the server: running handlers finish (as for ``stop``),
-    then the ``OSError`` is raised. Raises ``ValueError`` for ``max_connections <= 0`` or
-    ``additional_processes < 0``.
+    then the ``OSError`` is raised. Bad arguments raise ``TypeError``/``ValueError``
+    naming the argument, before anything is accepted.
     Resource handling: each flow is closed when its handler ends; ``lsock`` stays open
     (it belongs to the switch that created it).
     """
-    check_limits(max_connections, 1)
+    return serve_listeners(
+        [lsock], handler, on_error=on_error, max_connections=max_connections,
+        additional_processes=additional_processes, stop=stop, drain_timeout=drain_timeout,
+        ssl_context=ssl_context, handshake_timeout=handshake_timeout,
+        proxy_protocol=proxy_protocol, idle_timeout=idle_timeout)
+
+
+def serve_listeners(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], object], *,
+                    on_error: OnError, max_connections: int | None = None,
+                    additional_processes: int = 0, stop: Event | AsyncResult | None = None,
+                    drain_timeout: float | None = None, abort: Event | None = None,
+                    ssl_context: ssl.SSLContext | None = None,
+                    handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
+                    proxy_protocol: bool = False, idle_timeout: float | None = None) -> Any:
+    """:func:`run_server` for several listening sockets sharing one connection limit
+    (the CLI's ``--bind`` repeated), with one more keyword: ``abort``, an ``Event``
+    that ends everything at once when set (also after ``stop``, during the drain): the
+    connections are shut down and their handlers cancelled, as when ``drain_timeout``
+    runs out (the CLI's second signal). With ``additional_processes``, the children are
+    sent ``SIGTERM`` when ``stop`` is set and ``SIGQUIT`` when ``abort`` is set (or when
+    this call is cancelled or fails). Arguments and errors as for :func:`run_server`;
+    ``listeners`` must be a non-empty list of :class:`ListeningSocket`, which stay open.
+    """
+    _check_listeners(listeners)
+    _check_serving(handler, on_error, max_connections, additional_processes, stop, abort)
+    drain = _check_seconds("drain_timeout", drain_timeout, optional=True)
+    _check_seconds("handshake_timeout", handshake_timeout, optional=False)
+    _check_seconds("idle_timeout", idle_timeout, optional=True)
+    check_connection_options(ssl_context, handshake_timeout, proxy_protocol, idle_timeout)
+    options = {"ssl_context": ssl_context, "handshake_timeout": handshake_timeout,
+               "proxy_protocol": proxy_protocol, "idle_timeout": idle_timeout,
+               # One process: take up to ACCEPT_BATCH connections per wake-up. Several
+               # processes on one socket: one each, so that connections spread over them.
+               "max_accepts_per_batch": 1 if additional_processes else ACCEPT_BATCH}
+    serve = functools.partial(_serve, listeners, handler, on_error, max_connections,
+                              drain_timeout=drain, options=options)
+    if not additional_processes:
+        return serve(stop, abort)
+    return _serve_with_children(serve, additional_processes, stop, abort)
+
+
+def _check_listeners(listeners: object) -> None:
+    if not isinstance(listeners, list) or not listeners:
+        raise TypeError("listeners must be a non-empty list of ListeningSocket")
+    for ls in listeners:
+        if not isinstance(ls, ListeningSocket):
+            raise TypeError(f"listeners must hold ListeningSocket objects, not "
+                            f"{type(ls).__name__}")
+
+
+def _check_serving(handler: object, on_error: object, max_connections: object,
+                   additional_processes: object, stop: object, abort: object) -> None:
+    check_limits(max_connections, 1)  # type: ignore[arg-type]
     if isinstance(additional_processes, bool) or not isinstance(additional_processes, int):
-        raise TypeError("additional_processes must be an int")
+        raise TypeError(f"additional_processes must be an int, not "
+                        f"{type(additional_processes).__name__}")
     if additional_processes < 0:
         raise ValueError(f"additional_processes must be >= 0, not {additional_processes}")
     if not callable(handler):
         raise TypeError(f"handler must be callable, not {type(handler).__name__}")
     if not callable(on_error):
         raise TypeError(f"on_error must be callable, not {type(on_error).__name__}")
-    if stop is not None and not isinstance(stop, (Event, AsyncResult)):
-        raise TypeError(f"stop must be a gevent Event or AsyncResult, not {type(stop).__name__}")
-    return serve_listeners([lsock], handler, on_error=on_error, max_connections=max_connections,
-                           additional_processes=additional_processes, stop=stop)
+    _check_event("stop", stop, (Event, AsyncResult))
+    _check_event("abort", abort, (Event,))
 
 
-def serve_listeners(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], object], *,
-                    on_error: OnError, max_connections: int | None = None,
-                    additional_processes: int = 0, stop: Event | AsyncResult | None = None,
-                    drain_timeout: float | None = None, **engine: Any) -> Any:
-    """``run_server`` for several listening sockets sharing one connection limit (the
-    CLI's ``--bind`` repeated). ``drain_timeout``: once ``stop`` is set, handlers still
-    running after that many seconds are cancelled (their clients see end of file).
-    ``engine`` holds the acceptor's per-connection options (``ssl_context``, ...)."""
-    # One process: take up to ACCEPT_BATCH connections per wake-up. Several processes on
-    # one socket: one each, so that connections spread over the processes.
-    engine.setdefault("max_accepts_per_batch", 1 if additional_processes else ACCEPT_BATCH)
-    serve = functools.partial(_serve, listeners, handler, on_error, max_connections,
-                              drain_timeout=drain_timeout, engine=engine)
-    if not additional_processes:
-        return serve(stop)
-    children = [_fork_child(serve) for _ in range(additional_processes)]
+def _serve_with_children(serve: Callable[[Any, Any], Any], count: int,
+                         stop: Event | AsyncResult | None, abort: Event | None) -> Any:
+    """Fork ``count`` children serving as this process does, serve, then wait for them.
+
+    The children stop (SIGTERM) and drain at the same time as this process; an abort,
+    a cancellation or a failure here closes their connections at once (SIGQUIT).
+    """
+    children = [_fork_child(serve) for _ in range(count)]
+    how = signal.SIGQUIT
     try:
         with Switch(name="run_server children") as sw:
             for pid in children:
                 sw.fork_daemon(_watch_child, pid, children)
             if stop is not None:
-                # The children stop, and drain, at the same time as this process.
-                sw.fork_daemon(_signal_children_when_set, stop, children)
-            return serve(stop)
+                sw.fork_daemon(_signal_children_when_set, stop, children, signal.SIGTERM)
+            if abort is not None:
+                sw.fork_daemon(_signal_children_when_set, abort, children, signal.SIGQUIT)
+            try:
+                result = serve(stop, abort)
+            except OSError:
+                how = signal.SIGTERM  # a broken listening socket: the handlers drained
+                raise
+        how = signal.SIGTERM
+        return result
     finally:
-        _stop_children(children)
+        _stop_children(children, how)
 
 
 def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], object],
            on_error: OnError, max_connections: int | None, stop: Event | AsyncResult | None,
-           *, drain_timeout: float | None, engine: dict[str, Any]) -> Any:
+           abort: Event | None, *, drain_timeout: float | None, options: dict[str, Any]) -> Any:
     def serve_one(sock: gsocket.socket, peer: Any) -> None:
-        with Flow(sock, peer=peer) as flow:
+        flow = Flow(sock, peer=peer)
+        try:
             handler(flow, peer)
+        except Exception as exc:
+            # Asked before the flow closes the socket, which the engine checks with.
+            if not acceptor.peer_left(sock, peer, exc):
+                raise
+        finally:
+            flow.close()
 
     name = f"run_server {' '.join(str(ls.address) for ls in listeners)}"
     broken: AsyncResult = AsyncResult()  # fails if a listening socket breaks
@@ -203,43 +296,60 @@ def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], obje
         acceptor = Acceptor([ls.socket for ls in listeners], serve_one, sw=sw,
                             max_connections=max_connections,
                             on_error=lambda exc, peer: on_error(exc), name=name,
-                            on_fatal=broken.set_exception, **engine)
+                            on_fatal=broken.set_exception, **options)
         acceptor.start_accepting()
         try:
-            result = _wait_for_stop(stop, broken)
-        finally:
+            result = _wait_for_stop(stop, broken, abort)
+        except BaseException:  # cancelled, or stop.set_exception(): cancel the handlers
             acceptor.close(close_listeners=False)
-            _drain(acceptor, drain_timeout)
+            raise
+        acceptor.close(close_listeners=False)
+        _drain(acceptor, drain_timeout, abort)
     if broken.ready():
         broken.get()  # raises the listening socket's error, now that the handlers are done
     return result
 
 
-def _drain(acceptor: Acceptor, drain_timeout: float | None) -> None:
-    if drain_timeout is not None and not acceptor.idle.wait(drain_timeout):
-        log.info("%s: %d connections still open after %s s: closing them",
-                 acceptor.name, acceptor.active, drain_timeout)
-        acceptor.abort_connections()
+def _plural(n: int) -> str:
+    return f"{n} connection" if n == 1 else f"{n} connections"
 
 
-def _wait_for_stop(stop: Event | AsyncResult | None, broken: AsyncResult) -> Any:
-    """Wait for ``stop`` (without one: until cancelled) or ``broken``; return the
-    ``AsyncResult``'s value (``None`` for an ``Event``, or when ``broken`` came first)."""
-    gevent.wait([broken] if stop is None else [stop, broken], count=1)
-    if broken.ready() or not isinstance(stop, AsyncResult):
-        return None
-    return stop.get()
+def _drain(acceptor: Acceptor, drain_timeout: float | None, abort: Event | None) -> None:
+    """Wait for the handlers up to ``drain_timeout`` (or until ``abort`` is set), then
+    shut down the connections still open and cancel their handlers; the caller's
+    switch waits for them to unwind."""
+    deadline = "waiting for them" if drain_timeout is None else f"up to {drain_timeout:g} s"
+    log.info("%s: stopping: %s, %s", acceptor.name, _plural(acceptor.active), deadline)
+    events = [acceptor.idle] if abort is None else [acceptor.idle, abort]
+    gevent.wait(events, timeout=drain_timeout, count=1)
+    if acceptor.idle.is_set():
+        return
+    if abort is not None and abort.is_set():
+        log.info("%s: closing %s now", acceptor.name, _plural(acceptor.active))
+    else:
+        log.info("%s: %s still open after %s s: closing them",
+                 acceptor.name, _plural(acceptor.active), drain_timeout)
+    acceptor.abort_connections()
 
 
-def _fork_child(serve: Callable[[Event], object]) -> int:
+def _wait_for_stop(stop: Event | AsyncResult | None, broken: AsyncResult,
+                   abort: Event | None) -> Any:
+    """Wait for ``stop``, ``abort`` (without either: until cancelled) or ``broken``;
+    return the ``AsyncResult``'s value (``None`` for an ``Event``, or when ``broken`` or
+    ``abort`` came first). ``stop.set_exception(exc)`` raises ``exc``."""
+    gevent.wait([e for e in (stop, broken, abort) if e is not None], count=1)
+    if isinstance(stop, AsyncResult) and stop.ready() and not broken.ready():
+        return stop.get()
+    return None
+
+
+def _fork_child(serve: Callable[[Event, Event], object]) -> int:
     pid = gevent.os.fork()
     if pid:
         return pid
     code = 1
-    try:  # the child: serve until SIGTERM, then finish handlers and exit
-        child_stop = Event()
-        gevent.signal_handler(signal.SIGTERM, child_stop.set)
-        serve(child_stop)
+    try:
+        _child_main(serve)
         code = 0
     except BaseException:
         log.exception("run_server: child process %d failed", os.getpid())
@@ -247,33 +357,70 @@ def _fork_child(serve: Callable[[Event], object]) -> int:
         os._exit(code)
 
 
+def _child_main(serve: Callable[[Event, Event], object]) -> None:
+    """A child serves until its parent says: ``SIGTERM`` stops it gracefully (the
+    drain as in the parent), ``SIGQUIT`` closes its connections at once. ``SIGINT`` is
+    ignored: a terminal's Ctrl-C reaches the whole process group, and the parent
+    decides what it means."""
+    stop, abort = Event(), Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGQUIT, abort.set)
+    gevent.signal_handler(signal.SIGINT, _ignore)
+    serve(stop, abort)
+
+
+def _ignore() -> None:
+    pass
+
+
+def describe_exit(status: int) -> str:
+    """A ``waitpid`` status in words: ``exited with 3``, ``killed by SIGKILL``."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exited with {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def _reaped(pid: int, status: int, children: list[int]) -> None:
+    if pid in children:
+        children.remove(pid)  # reaped: its pid may be reused, never signal it again
+    level = logging.ERROR if status else logging.DEBUG
+    log.log(level, "run_server: child process %d %s", pid, describe_exit(status))
+
+
 def _watch_child(pid: int, children: list[int]) -> None:
     _, status = gevent.os.waitpid(pid, 0)
-    children.remove(pid)  # reaped: its pid may be reused, never signal it again
-    if status:
-        log.error("run_server: child process %d exited with status %#x", pid, status)
+    _reaped(pid, status, children)
 
 
-def _signal_children_when_set(stop: Event | AsyncResult, children: list[int]) -> None:
-    gevent.wait([stop])
-    _signal_children(children)
+def _signal_children_when_set(event: Event | AsyncResult, children: list[int],
+                              sig: int) -> None:
+    gevent.wait([event])
+    _signal_children(children, sig)
 
 
-def _signal_children(children: list[int]) -> None:
+def _signal_children(children: list[int], sig: int) -> None:
     for pid in children:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
 
 
-def _stop_children(children: list[int]) -> None:
-    _signal_children(children)
+def _stop_children(children: list[int], sig: int) -> None:
+    """Signal the children not reaped yet with ``sig`` and wait for each to exit."""
+    _signal_children(children, sig)
     for pid in list(children):
         try:
-            gevent.os.waitpid(pid, 0)
+            _, status = gevent.os.waitpid(pid, 0)
         except ChildProcessError:
-            pass  # already reaped by its watcher
+            if pid in children:
+                children.remove(pid)  # reaped meanwhile
+            continue
+        _reaped(pid, status, children)
 
 
 # -- connecting ------------------------------------------------------------------------------

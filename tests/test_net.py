@@ -737,7 +737,7 @@ def test_run_server_additional_processes_spread_and_stop() -> None:
         children = pids - {proc.pid}
         victim = children.pop()
         os.kill(victim, 9)  # a child that dies is logged; the others keep serving
-        while b"exited with status" not in (line := proc.stderr.readline()):
+        while b"killed by SIGKILL" not in (line := proc.stderr.readline()):
             assert line, "server exited"
         for c in held:
             c.close()
