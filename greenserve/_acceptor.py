@@ -43,7 +43,7 @@ from gevent import Greenlet, getcurrent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from . import _gevent, _tls
+from . import _checks, _gevent, _tls
 from ._proxy import ProxyProtocolError, read_proxy_header
 from .address import Tcp, Unix, from_sockaddr
 from .errors import Cancelled, NetError, add_note
@@ -539,19 +539,9 @@ def check_connection_options(ssl_context: object, handshake_timeout: object,
                              proxy_protocol: object, idle_timeout: object) -> None:
     """Validate the per-connection options (faces call it before creating any socket)."""
     _tls.check_context(ssl_context)
-    if isinstance(handshake_timeout, bool) or not isinstance(handshake_timeout, (int, float)):
-        raise TypeError(f"handshake_timeout must be a number of seconds, not "
-                        f"{type(handshake_timeout).__name__}")
-    if handshake_timeout <= 0:
-        raise ValueError(f"handshake_timeout must be > 0, not {handshake_timeout}")
-    if not isinstance(proxy_protocol, bool):
-        raise TypeError(f"proxy_protocol must be a bool, not {type(proxy_protocol).__name__}")
-    if idle_timeout is not None:
-        if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
-            raise TypeError(f"idle_timeout must be a number of seconds or None, not "
-                            f"{type(idle_timeout).__name__}")
-        if idle_timeout <= 0:
-            raise ValueError(f"idle_timeout must be > 0, not {idle_timeout}")
+    _checks.seconds("handshake_timeout", handshake_timeout)
+    _checks.flag("proxy_protocol", proxy_protocol)
+    _checks.seconds("idle_timeout", idle_timeout, optional=True)
 
 
 

@@ -32,7 +32,6 @@ Decisions where the spec leaves room:
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import socket
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Literal, Protocol, Union
 
 import gevent
 
+from . import _checks
 from .address import Tcp, Udp, Unix, from_sockaddr
 
 __all__ = [
@@ -430,7 +430,7 @@ def read_proxy_header(sock: _RecvSocket, *, timeout: float) -> ProxyInfo:
     ValueError: ``timeout`` is not positive and finite. TypeError: ``timeout`` is not a
     number. Other ``OSError``\\s of the socket (e.g. ``ConnectionResetError``) propagate.
     """
-    _check_timeout(timeout)
+    _checks.seconds("timeout", timeout)
     timer = gevent.Timeout(timeout)
     try:
         with timer:
@@ -443,15 +443,6 @@ def read_proxy_header(sock: _RecvSocket, *, timeout: float) -> ProxyInfo:
         raise ProxyProtocolError("PROXY header not complete within the socket's timeout") \
             from None
     return _parse_complete(header)
-
-
-def _check_timeout(timeout: object) -> None:
-    """Raises TypeError unless ``timeout`` is a number, ValueError unless it is > 0 and
-    finite."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(f"timeout must be a positive finite number of seconds, not {timeout!r}")
 
 
 def _read_header_bytes(sock: _RecvSocket) -> bytes:

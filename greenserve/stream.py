@@ -29,7 +29,6 @@ raise them afterwards.
 from __future__ import annotations
 
 import _socket
-import math
 import socket as _stdsocket
 import sys
 from collections import deque
@@ -42,7 +41,7 @@ from gevent import socket as gsocket
 from gevent import ssl as gssl
 from gevent.event import Event
 
-from . import _gevent
+from . import _checks, _gevent
 from .errors import (
     ConnectionReset,
     IncompleteRead,
@@ -398,7 +397,7 @@ class Writer:
     def __init__(self, sock: gsocket.socket,
                  buffer_age_limit: float | None = DEFAULT_BUFFER_AGE_LIMIT, *,
                  on_failure: Callable[[BaseException], object] | None = None) -> None:
-        self._age_limit = _checked_age_limit(buffer_age_limit)
+        self._age_limit = _checks.seconds("buffer_age_limit", buffer_age_limit, optional=True)
         if on_failure is not None and not callable(on_failure):
             raise TypeError(f"on_failure must be callable or None, not "
                             f"{type(on_failure).__name__}")
@@ -744,17 +743,3 @@ def _translated(exc: OSError) -> OSError:
     if new is not exc:
         new.__cause__ = exc
     return new
-
-
-def _checked_age_limit(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"buffer_age_limit must be a positive number of seconds or None, "
-                         f"not {value!r}")
-    if math.isnan(value) or value <= 0:
-        raise ValueError(f"buffer_age_limit must be a positive number of seconds or None, "
-                         f"not {value!r}")
-    if math.isinf(value):
-        return None  # an infinite limit is no limit
-    return float(value)

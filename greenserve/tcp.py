@@ -43,7 +43,7 @@ from gevent import GreenletExit, getcurrent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from . import _tls
+from . import _checks, _tls
 from ._acceptor import Acceptor, check_connection_options, check_limits
 from .address import Fd, Tcp, Unix, parse_address
 from .errors import (
@@ -54,7 +54,7 @@ from .errors import (
 )
 from .flow import ListeningSocket, _configure_and_bind, open_listener
 from .net import _connect_sequential, _is_ip, connect_flow
-from .stream import DEFAULT_BUFFER_AGE_LIMIT, Reader, Writer, _checked_age_limit
+from .stream import DEFAULT_BUFFER_AGE_LIMIT, Reader, Writer
 from .switch import Switch
 
 __all__ = [
@@ -209,7 +209,7 @@ class Server:
         ``ssl_context``, ``handshake_timeout``, ``proxy_protocol``, ``idle_timeout``: see
         API.md section 10 (TLS and PROXY run in the connection's fiber).
         """
-        age_limit = _checked_age_limit(buffer_age_limit)
+        age_limit = _checks.seconds("buffer_age_limit", buffer_age_limit, optional=True)
         return cls._create(where, handler, "create", on_handler_error, max_connections,
                            max_accepts_per_batch, backlog, socket, drop_incoming_connections,
                            sw, age_limit, ssl_context=ssl_context,
@@ -636,7 +636,7 @@ def connect_sock(where: object, *, timeout: float | None = DEFAULT_CONNECT_TIMEO
     each with a note naming the address. The socket is closed on every failure.
     """
     target = _connect_target(where)
-    timeout = _checked_timeout(timeout)
+    timeout = _checks.seconds("timeout", timeout, optional=True)
     if interrupt is not None and not isinstance(interrupt, Event):
         raise TypeError(f"interrupt must be a gevent.event.Event or None, not "
                         f"{type(interrupt).__name__}")
@@ -668,7 +668,7 @@ def connect(where: object, *, timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     Resource handling: the caller closes them: ``writer.close()`` (flushes), then
     ``reader.close()`` (which closes the socket); or use :func:`with_connection`.
     """
-    age_limit = _checked_age_limit(buffer_age_limit)
+    age_limit = _checks.seconds("buffer_age_limit", buffer_age_limit, optional=True)
     sock = connect_sock(where, timeout=timeout, interrupt=interrupt, ssl_context=ssl_context,
                         server_hostname=server_hostname)
     return sock, Reader(sock), Writer(sock, age_limit)
@@ -702,17 +702,6 @@ def _connect_target(where: object) -> Tcp | Unix:
     if not isinstance(target, (Tcp, Unix)):
         raise ValueError(f"where: cannot connect to {target}: a tcp or unix address is needed")
     return target
-
-
-def _checked_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not "
-                        f"{type(timeout).__name__}")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0, not {timeout}")
-    return float(timeout)
 
 
 def _connect_plain(target: Tcp | Unix) -> gsocket.socket:

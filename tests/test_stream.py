@@ -725,14 +725,17 @@ def test_closing_the_socket_under_a_stalled_writer_fails_it(stall_pair: Pair) ->
 # --- Writer: arguments ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [0, -1, 0.0, "x", True, float("nan"), [1]])
-def test_writer_rejects_a_bad_buffer_age_limit(pair: Pair, bad: object) -> None:
+@pytest.mark.parametrize(("bad", "error"), [
+    (0, ValueError), (-1, ValueError), (0.0, ValueError), (float("nan"), ValueError),
+    (float("inf"), ValueError), ("x", TypeError), (True, TypeError), ([1], TypeError)])
+def test_writer_rejects_a_bad_buffer_age_limit(pair: Pair, bad: object,
+                                               error: type[Exception]) -> None:
     a, _ = pair
-    with pytest.raises(ValueError, match="buffer_age_limit"):
+    with pytest.raises(error, match="buffer_age_limit"):
         Writer(a, buffer_age_limit=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("limit", [None, 1, 0.5, float("inf")])
+@pytest.mark.parametrize("limit", [None, 1, 0.5])
 def test_writer_accepts_a_good_buffer_age_limit(pair: Pair, limit: float | None) -> None:
     a, _ = pair
     Writer(a, buffer_age_limit=limit).close()

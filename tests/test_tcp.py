@@ -740,16 +740,18 @@ def test_bad_arguments_name_the_argument_and_create_nothing(
     assert not os.path.exists(path)  # nothing was bound (the leak check: no fd either)
 
 
-@pytest.mark.parametrize("limit", [0, -1.0, float("nan"), "120", True])
-def test_bad_buffer_age_limit(limit: object, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("limit", "error"), [
+    (0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), (math.inf, ValueError),
+    ("120", TypeError), (True, TypeError)])
+def test_bad_buffer_age_limit(limit: object, error: type[Exception], tmp_path: Path) -> None:
     path = str(tmp_path / "s.sock")
-    with pytest.raises(ValueError, match="buffer_age_limit"):
+    with pytest.raises(error, match="buffer_age_limit"):
         tcp.Server.create(tcp.WhereToListen.of_file(path), echo_lines,
                           buffer_age_limit=limit)  # type: ignore[arg-type]
     assert not os.path.exists(path)
 
 
-@pytest.mark.parametrize("limit", [None, math.inf, 0.5, 120])
+@pytest.mark.parametrize("limit", [None, 0.5, 120])
 def test_good_buffer_age_limits(limit: float | None) -> None:
     with serving(echo_lines, buffer_age_limit=limit) as server, dial(server) as c:
         assert ask(c, b"ok") == b"ok"
