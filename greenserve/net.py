@@ -24,7 +24,7 @@ import gevent.os
 from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
-from . import _tls
+from . import _checks, _tls
 from ._acceptor import Acceptor, check_connection_options, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
@@ -65,14 +65,7 @@ def _check_flag(name: str, value: object) -> None:
 
 
 def _check_timeout(name: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, not "
-                        f"{type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, not {value}")
-    return float(value)
+    return _checks.seconds(name, value, optional=True)
 
 
 # -- listening and accepting -----------------------------------------------------------------
