@@ -1,10 +1,11 @@
-"""The ``greenserve`` command (API.md section 9), run as a real process."""
+"""The ``greenserve`` command (docs/cli.md), run as a real process."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -12,10 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 from gevent import subprocess
 
-from .helpers import closed_by_server
+from greenserve import net
+
+from .helpers import closed_by_server, reset
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.no_leak_check  # the servers run in child processes
@@ -211,7 +215,14 @@ def test_idle_timeout() -> None:
         (["tests.cli_handlers:missing"], {}, "has no 'missing'"),
         (["tests.cli_handlers:not_callable"], {}, "is not callable"),
         (["echo", "--bind", "nonsense::"], {}, "bad --bind 'nonsense::'"),
-        (["echo", "--bind", "udp://127.0.0.1:0"], {}, "cannot listen on udp:127.0.0.1:0"),
+        (["echo", "--bind", "udp://127.0.0.1:0"], {},
+         "bad --bind 'udp://127.0.0.1:0': udp:127.0.0.1:0 is a datagram address"),
+        (["echo", "--bind", "*:x"], {}, "bad --bind '*:x'"),
+        (["echo", "--unix-mode", "0o660"], {}, "--unix-mode needs a --bind unix:PATH"),
+        (["echo", "--unix-mode", "8"], {}, "not an octal mode"),
+        (["echo", "--unix-mode", "1777"], {}, "not a permission mode"),
+        (["echo", "--shutdown-timeout", "nan"], {}, "--shutdown-timeout"),
+        (["echo", "--idle-timeout", "inf"], {}, "--idle-timeout"),
         (["echo", "--max-connections", "0"], {}, "--max-connections"),
         (["echo", "--processes", "x"], {}, "--processes"),
         (["echo", "--log-level", "loud"], {}, "--log-level"),
@@ -228,6 +239,7 @@ def test_errors_are_one_line_and_exit_2(args: list[str], env: dict[str, str],
     assert out.returncode == 2, err
     assert err.count("\n") == 1 and err.startswith("greenserve: error: "), err
     assert message in err
+    assert err.count("udp:127.0.0.1:0") <= 1  # said once, not once per layer
 
 
 def test_port_in_use_is_one_line_and_exit_2() -> None:
@@ -239,3 +251,220 @@ def test_port_in_use_is_one_line_and_exit_2() -> None:
     err = out.stderr.decode()
     assert out.returncode == 2
     assert err.count("\n") == 1 and "Address already in use" in err
+
+
+# -- stopping: one line on the first signal, everything closed on the second ------------------
+
+# Long enough that a stop "before the deadline" cannot be the deadline's doing.
+LONG_DRAIN = "30"
+# Slack on top of a deadline, for a loaded 2-core machine.
+SLACK = 5.0
+
+
+def wait_for_line(stream: Any, needle: str) -> str:
+    """The first line of ``stream`` containing ``needle`` (fails at end of file)."""
+    with gevent.Timeout(20, AssertionError(f"no line with {needle!r} within 20 s")):
+        while True:
+            line = stream.readline().decode()
+            assert line, f"end of output before a line with {needle!r}"
+            if needle in line:
+                return line
+
+
+def idle_client(addr: str) -> socket.socket:
+    """A connected client that sends nothing (``nc`` left open)."""
+    c = socket.create_connection(("127.0.0.1", port_of(addr)), timeout=10)
+    c.sendall(b"x")
+    assert c.recv(10) == b"x"  # the echo handler runs: the connection is counted
+    return c
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_exits_within_the_drain_deadline_with_an_idle_client(sig: int) -> None:
+    drain = 1.0
+    with cli("echo", "--bind", "127.0.0.1:0", "--shutdown-timeout", str(drain)) as (proc, addrs):
+        c = idle_client(addrs[0])
+        started = time.monotonic()
+        proc.send_signal(sig)
+        assert c.recv(10) == b""  # closed by the server at the deadline
+        _, err = proc.communicate(timeout=drain + SLACK)
+        elapsed = time.monotonic() - started
+        c.close()
+    assert proc.returncode == 0, err.decode()
+    assert drain * 0.9 <= elapsed < drain + SLACK
+    assert "stopping: 1 connection, up to 1 s" in err.decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_first_signal_logs_one_line_second_closes_everything_at_once(sig: int) -> None:
+    with cli("echo", "--bind", "127.0.0.1:0", "--shutdown-timeout", LONG_DRAIN) as (proc,
+                                                                                   addrs):
+        clients = [idle_client(addrs[0]) for _ in range(2)]
+        proc.send_signal(sig)
+        line = wait_for_line(proc.stderr, "stopping:")
+        assert line.rstrip().endswith(f"stopping: 2 connections, up to {LONG_DRAIN} s")
+        assert f"[{proc.pid}] INFO greenserve: " in line
+        assert proc.poll() is None  # draining: the clients may still finish
+        clients[0].sendall(b"still served")
+        assert clients[0].recv(100) == b"still served"
+        started = time.monotonic()
+        proc.send_signal(sig)
+        for c in clients:
+            assert c.recv(10) == b""
+            c.close()
+        _, err = proc.communicate(timeout=SLACK)
+        assert time.monotonic() - started < SLACK
+    assert proc.returncode == 0, err.decode()
+    text = err.decode()
+    assert "closing 2 connections now" in text
+    assert "stopping:" not in text  # logged once, on the first signal only
+    assert "Traceback" not in text
+
+
+def test_a_reset_peer_is_no_error() -> None:
+    # The engine logs a peer that went away once, at DEBUG, with its address; neither
+    # the built-in handler nor the CLI's on_error logs it as an ERROR traceback.
+    with cli("echo", "--bind", "127.0.0.1:0", "--log-level", "debug",
+             "--shutdown-timeout", LONG_DRAIN) as (proc, addrs):
+        c = idle_client(addrs[0])
+        peer = f"tcp:127.0.0.1:{c.getsockname()[1]}"
+        c.sendall(b"unread echo")
+        reset(c)  # RST: the handler's read fails with ECONNRESET
+        # The drain ends long before its deadline only if the reset ended the handler.
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=SLACK)
+        assert time.monotonic() - started < SLACK
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert " ERROR " not in text and "Traceback" not in text, text
+    assert [line for line in text.splitlines() if " DEBUG " in line and peer in line], text
+
+
+def test_processes_log_with_their_pid_and_a_dead_child_is_decoded() -> None:
+    with cli("tests.cli_handlers:whoami", "--bind", "127.0.0.1:0", "--processes", "2",
+             "--max-connections", "1", "--shutdown-timeout", LONG_DRAIN) as (proc, addrs):
+        port = port_of(addrs[0])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        pids = {int(c.recv(100).split()[0]) for c in held}
+        assert len(pids) == 2 and proc.pid in pids
+        (child,) = pids - {proc.pid}
+        os.kill(child, signal.SIGKILL)
+        line = wait_for_line(proc.stderr, f"child process {child} ")
+        assert line.rstrip().endswith(f"child process {child} killed by SIGKILL"), line
+        assert f"[{proc.pid}] ERROR greenserve: " in line
+        for c in held:
+            c.close()
+        stop_ok(proc)
+
+
+def test_processes_stop_together_and_a_second_signal_aborts_them_all() -> None:
+    with cli("tests.cli_handlers:whoami", "--bind", "127.0.0.1:0", "--processes", "2",
+             "--max-connections", "1", "--shutdown-timeout", LONG_DRAIN) as (proc, addrs):
+        port = port_of(addrs[0])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        pids = {int(c.recv(100).split()[0]) for c in held}
+        assert len(pids) == 2 and proc.pid in pids
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C would, to the parent
+        stopping = {int(wait_for_line(proc.stderr, "stopping: 1 connection,").split("[")[1]
+                        .split("]")[0]) for _ in range(2)}
+        assert stopping == pids  # each process drains its own connection, with its pid
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        for c in held:
+            assert c.recv(10) == b""
+            c.close()
+        _, err = proc.communicate(timeout=SLACK)
+        assert time.monotonic() - started < SLACK
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+
+
+def test_ctrl_c_to_the_whole_process_group_is_one_signal() -> None:
+    # A terminal's Ctrl-C sends SIGINT to every process of the group: the children
+    # ignore it (the parent tells them), so one Ctrl-C is a graceful stop, not an abort.
+    proc = subprocess.Popen([sys.executable, "-m", "greenserve", "tests.cli_handlers:whoami",
+                             "--bind", "127.0.0.1:0", "--processes", "2", "--max-connections",
+                             "1", "--shutdown-timeout", LONG_DRAIN],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(), start_new_session=True)
+    try:
+        port = port_of(proc.stdout.readline().decode().split()[-1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        pids = {int(c.recv(100).split()[0]) for c in held}
+        assert len(pids) == 2
+        os.killpg(proc.pid, signal.SIGINT)
+        for _ in range(2):
+            wait_for_line(proc.stderr, "stopping: 1 connection,")
+        for c in held:  # both processes still serve their connection while draining
+            c.sendall(b"more")
+        for c in held:
+            c.close()  # whoami returns at end of file: every process can finish
+        _, err = proc.communicate(timeout=SLACK)
+        assert proc.returncode == 0, err.decode()
+        assert b"closing" not in err and b"Traceback" not in err, err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_describe_exit() -> None:
+    assert net.describe_exit(3 << 8) == "exited with 3"
+    assert net.describe_exit(0) == "exited with 0"
+    assert net.describe_exit(signal.SIGKILL) == "killed by SIGKILL"
+    assert net.describe_exit(signal.SIGSEGV | 0x80) == "killed by SIGSEGV"  # core dumped
+
+
+# -- options ----------------------------------------------------------------------------------
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """``--help``'s options section: each option's first name -> its text on one line."""
+    entries: dict[str, str] = {}
+    name = ""
+    for line in text.split("\noptions:\n", 1)[1].splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            entries[name] = line
+        elif name:
+            entries[name] += " " + line.strip()
+    return {name: " ".join(entry.split()) for name, entry in entries.items()}
+
+
+def test_help_shows_every_option_with_a_description_and_its_default() -> None:
+    out = run_cli("--help")
+    assert out.returncode == 0
+    entries = help_entries(out.stdout.decode())
+    defaults = {"--bind": "(default: 127.0.0.1:8000, or systemd's sockets",
+                "--max-connections": "(default: 10000)", "--backlog": "(default: 1024)",
+                "--processes": "(default: 1)", "--log-level": "(default: info)",
+                "--certfile": "(default: none", "--keyfile": "(default: the key in",
+                "--proxy-protocol": "(default: off)", "--idle-timeout": "(default: none)",
+                "--shutdown-timeout": "(default: 10)", "--unix-mode": "(default: 777 minus"}
+    assert set(entries) == {"-h", "--version", *defaults}
+    for option, shown in defaults.items():
+        assert shown in entries[option], entries[option]
+
+
+def test_star_binds_every_ipv4_interface() -> None:
+    with cli("echo", "--bind", "*:0") as (proc, addrs):
+        assert addrs[0].startswith("tcp:0.0.0.0:")
+        with socket.create_connection(("127.0.0.1", port_of(addrs[0])), timeout=10) as c:
+            c.sendall(b"any")
+            assert c.recv(10) == b"any"
+        stop_ok(proc)
+
+
+@pytest.mark.parametrize(("given", "mode"), [("0o600", 0o600), ("660", 0o660),
+                                              ("0666", 0o666)])
+def test_unix_mode_sets_the_socket_files_mode(tmp_path: Path, given: str, mode: int) -> None:
+    path = tmp_path / "moded.sock"
+    with cli("echo", "--bind", f"unix:{path}", "--unix-mode", given) as (proc, _addrs):
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode
+        with socket.socket(socket.AF_UNIX) as u:
+            u.connect(str(path))
+            u.sendall(b"moded")
+            assert u.recv(10) == b"moded"
+        stop_ok(proc)
+    assert not path.exists()
