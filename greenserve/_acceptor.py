@@ -58,6 +58,7 @@ log = logging.getLogger("greenserve")
 Handler = Callable[[gsocket.socket, Any], None]
 OnError = Callable[[Exception, Any], object]
 Spawn = Callable[..., Any]
+Wait = Callable[[list[Event], "float | None"], object]
 
 # accept() errors that concern only the connection being accepted (it died in the
 # backlog, or the network under it failed): try the next one.
@@ -238,6 +239,46 @@ class Acceptor:
                 ls.close()
         if close_connections:
             self.abort_connections()
+
+    def drain(self, grace: float | None, *, abort: Event | None = None,
+              abort_grace: float | None = None, wait: Wait | None = None,
+              logger: Any = log, on_abort: Callable[[int], object] | None = None) -> bool:
+        """The one way a server stops: :meth:`close` (no handler is called from now on;
+        the listeners stay open), wait up to ``grace`` seconds for the connections to
+        end (``None``: as long as they take; ``abort`` set: stop waiting), then
+        :meth:`abort_connections` and wait up to ``abort_grace`` seconds (``None``: as
+        long as it takes) for their handlers to unwind.
+
+        ``wait(events, timeout)`` waits for any of ``events`` (default: ``gevent.wait``;
+        a gunicorn worker heartbeats while it waits). Logs ``stopping: N connections,
+        up to S s`` when connections are open, and what it closes, to ``logger`` (the
+        ``greenserve`` logger, or a face's own, e.g. gunicorn's); ``on_abort(n)`` is
+        called before ``n`` connections are aborted. Returns True once no
+        connection is left, False if handlers ignored their cancellation for
+        ``abort_grace`` seconds (the caller then gives up on them).
+        """
+        wait = _wait_any if wait is None else wait
+        self.close(close_listeners=False)
+        gevent.sleep(0)  # fibers forked just before close() start now and release
+        if self.idle.is_set():
+            return True
+        limit = "waiting for them" if grace is None else f"up to {grace:g} s"
+        logger.info("%s: stopping: %s, %s", self.name, _plural(self.active), limit)
+        if abort is None or not abort.is_set():
+            wait([self.idle] if abort is None else [self.idle, abort], grace)
+        if self.idle.is_set():
+            return True
+        why = "now" if abort is not None and abort.is_set() else f"after {grace:g} s"
+        logger.info("%s: closing %s %s", self.name, _plural(self.active), why)
+        if on_abort is not None:
+            on_abort(self.active)
+        self.abort_connections()
+        wait([self.idle], abort_grace)
+        if self.idle.is_set():
+            return True
+        logger.warning("%s: %s ignored cancellation for %s s; not waiting for them",
+                    self.name, _plural(self.active), abort_grace)
+        return False
 
     def abort_connections(self) -> None:
         """Shut down every open connection and cancel its handler.
@@ -501,6 +542,14 @@ class Acceptor:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "accepting" if self._watching else "paused"
         return f"<Acceptor {self.name} {state} active={self.active}>"
+
+
+def _wait_any(events: list[Event], timeout: float | None) -> None:
+    gevent.wait(events, timeout=timeout, count=1)
+
+
+def _plural(n: int) -> str:
+    return f"{n} connection" if n == 1 else f"{n} connections"
 
 
 def _needs_nodelay(listener: gsocket.socket) -> bool:

@@ -209,35 +209,39 @@ class _EngineWorker(base.Worker):  # type: ignore[misc]  # gunicorn is untyped
     def _end_idle_connections(self) -> None:
         """Close the connections no request is running on (a stop has begun)."""
 
-    def _beat_until(self, event: Event, deadline: float | None = None) -> bool:
-        """Heartbeat until ``event`` is set (True) or ``deadline`` passes (False)."""
+    def _beat_until(self, event: Event) -> None:
+        """Heartbeat until ``event`` is set."""
+        self._beating_wait([event], None)
+
+    def _beating_wait(self, events: list[Event], timeout: float | None) -> None:
+        """Wait for any of ``events`` for up to ``timeout`` seconds, telling the arbiter
+        we are alive all along (the engine's drain waits with this)."""
         interval = min(HEARTBEAT, self.timeout) if self.timeout > 0 else HEARTBEAT
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.notify()
             wait = interval
             if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return bool(event.is_set())
-                wait = min(wait, left)
-            if event.wait(wait):
-                return True
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+            if gevent.wait(events, timeout=wait, count=1):
+                return
+
+    def _graceful_timeout(self, n: int) -> None:
+        # The line gunicorn's own gevent worker writes when its graceful timeout ends.
+        self.log.warning("Worker graceful timeout (pid:%s): cancelling %d connections",
+                         self.pid, n)
 
     def _stop(self, acceptor: Acceptor, sw: Switch) -> None:
-        """Stop accepting, end idle connections, give the others until
-        ``graceful_timeout``, then cancel them."""
-        deadline = time.monotonic() + max(0.0, self.cfg.graceful_timeout - EXIT_MARGIN)
+        """Stop accepting, end idle connections, then the engine's drain: the others get
+        until ``graceful_timeout``, then are cancelled."""
         acceptor.close(close_listeners=True)
         self._end_idle_connections()
-        if not self._beat_until(acceptor.idle, deadline):
-            self.log.warning("Worker graceful timeout (pid:%s): cancelling %d connections",
-                             self.pid, acceptor.active)
-            acceptor.abort_connections()
-            if not acceptor.idle.wait(EXIT_MARGIN):
-                self.log.warning("%d connections ignored cancellation; exiting anyway",
-                                 acceptor.active)
-                return
-        sw._close()
+        grace = max(0.0, self.cfg.graceful_timeout - EXIT_MARGIN)
+        if acceptor.drain(grace, abort_grace=EXIT_MARGIN, wait=self._beating_wait,
+                          logger=self.log, on_abort=self._graceful_timeout):
+            sw._close()
 
     def _route_engine_log(self) -> None:
         """Send the engine's log (accept errors, failed TLS handshakes) to gunicorn's

@@ -428,3 +428,71 @@ def test_on_error_raising_for_a_failed_spawn_fails_the_switch() -> None:
             serving(spawn=spawn, on_error=on_error) as (acc, port), client(port):
         Event().wait(5)  # never set: the switch's failure cancels this wait
     assert acc.active == 0 and acc.closed
+
+
+# -- drain: the one way every face stops ----------------------------------------------------
+
+
+def _held(release: Event) -> Callable[[Any, Any], None]:
+    def handler(sock: Any, peer: Any) -> None:
+        release.wait()
+    return handler
+
+
+def test_drain_waits_for_handlers_that_finish_within_the_grace() -> None:
+    release = Event()
+    with serving(_held(release)) as (acc, port):
+        c = client(port)
+        wait_until(lambda: acc.active == 1)
+        gevent.spawn_later(0.05, release.set)
+        assert acc.drain(5) is True
+        assert acc.closed and acc.stats["handler_errors"] == 0
+        assert recv_all(c) == b""
+        c.close()
+
+
+def test_drain_aborts_what_is_left_after_the_grace(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="greenserve")
+    aborted: list[int] = []
+    with serving(_held(Event())) as (acc, port):
+        clients = [client(port) for _ in range(2)]
+        wait_until(lambda: acc.active == 2)
+        assert acc.drain(0.05, on_abort=aborted.append) is True
+        assert aborted == [2] and acc.idle.is_set()
+        for c in clients:
+            assert closed_by_server(c)
+            c.close()
+    text = caplog.text
+    assert "stopping: 2 connections, up to 0.05 s" in text
+    assert "closing 2 connections after 0.05 s" in text
+
+
+def test_drain_stops_waiting_when_abort_is_set() -> None:
+    abort = Event()
+    with serving(_held(Event())) as (acc, port):
+        c = client(port)
+        wait_until(lambda: acc.active == 1)
+        gevent.spawn_later(0.01, abort.set)
+        with gevent.Timeout(5):  # the grace is an hour: only abort ends it
+            assert acc.drain(3600, abort=abort) is True
+        c.close()
+
+
+def test_drain_gives_up_on_handlers_that_ignore_cancellation() -> None:
+    release = Event()
+
+    def stubborn(sock: Any, peer: Any) -> None:
+        while not release.is_set():
+            try:
+                release.wait()
+            except Cancelled:
+                pass  # swallowed: this handler will not stop
+
+    with serving(stubborn) as (acc, port):
+        c = client(port)
+        wait_until(lambda: acc.active == 1)
+        assert acc.drain(0.01, abort_grace=0.05) is False
+        assert acc.active == 1
+        release.set()
+        assert acc.idle.wait(5)
+        c.close()
