@@ -20,7 +20,9 @@ Design rules:
   greenlet), so ``hub.NOT_ERROR``/``SYSTEM_ERROR`` and custom hub error handlers work.
 - TLS (``ssl_context=`` or gevent's ``keyfile=``/``certfile=``...) is one
   ``ssl.SSLContext`` handed to the engine: the handshake runs in the connection's
-  greenlet, bounded by ``handshake_timeout``, never in the accept loop.
+  greenlet, bounded by ``handshake_timeout``, never in the accept loop. gevent's TLS
+  hooks (``_handle``, ``wrap_socket_and_handle``, ``wrap_socket``) exist as in gevent;
+  when code customises one of them, connections go through ``_handle`` instead.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ Handle = Callable[[Any, Any], object]
 # them to unwind before giving up on them (gevent's stop() gives pool.kill() 1 s too).
 ABORT_GRACE = 1.0
 
-# The keys stats() promises (API.md section 10), all 0 before the first start().
+# The keys stats() promises (docs/server.md, State), all 0 before the first start().
 _STATS_KEYS = ("accepted", "active", "dropped", "handler_errors", "accept_errors", "peak_active")
 
 # gevent's ssl_args: those configuring the context (wrap_socket's file arguments) and
@@ -85,7 +87,7 @@ class StreamServer:
 
     Beyond gevent: ``max_connections`` (never more handlers at once; no accept while
     at the limit), ``max_accepts_per_batch`` (default :attr:`max_accept`),
-    ``handshake_timeout``, ``proxy_protocol``, ``idle_timeout`` (see API.md section 10),
+    ``handshake_timeout``, ``proxy_protocol``, ``idle_timeout`` (see docs/server.md),
     :attr:`num_connections` and :meth:`stats`. ``ssl_args`` are gevent's: ``ssl_context``
     or ``keyfile``/``certfile``/``ca_certs``/``cert_reqs``/``ciphers``/``ssl_version``.
 
@@ -406,14 +408,24 @@ class StreamServer:
     # -- one connection -----------------------------------------------------------------------
 
     def _serve_connection(self, conn: Any, peer: Tcp | Unix) -> None:
-        """The engine's handler: runs in the connection's greenlet (or the hub)."""
+        """The engine's handler when the engine did the TLS handshake (or there is no
+        TLS and ``_handle`` is gevent's): calls ``handle``. Runs in the connection's
+        greenlet (or the hub)."""
+        self._serve_with(self.handle, conn, peer)
+
+    def _serve_connection_gevent(self, conn: Any, peer: Tcp | Unix) -> None:
+        """The engine's handler when gevent's hooks decide: calls ``_handle`` (with TLS,
+        ``wrap_socket_and_handle``, which calls ``wrap_socket``)."""
+        self._serve_with(self._handle, conn, peer)
+
+    def _serve_with(self, handle: Handle, conn: Any, peer: Tcp | Unix) -> None:
         me = getcurrent()
         if me in self._rejected:
             return  # the spawn for it failed: the engine just closes the socket
         address = _gevent_address(peer)
         self._handling.add(me)
         try:
-            self.handle(conn, address)
+            handle(conn, address)
         except BaseException as exc:
             if isinstance(exc, (Exception, GreenletExit)):
                 raise  # the engine reports errors; a cancellation just ends the fiber
@@ -429,15 +441,48 @@ class StreamServer:
         """Called after each handler returns or raises; closes its socket (gevent's hook)."""
         sock.close()
 
-    def wrap_socket_and_handle(self, client_socket: gsocket.socket, address: Any) -> object:
-        """TLS-wrap ``client_socket`` (handshake within ``handshake_timeout``) and call
-        ``handle`` with the TLS socket, closed afterwards. The server does this itself
-        (in the engine); this is for code that calls it directly."""
+    # -- gevent's TLS hooks ---------------------------------------------------------------
+    #
+    # gevent calls ``_handle(sock, address)`` for each connection: ``handle``, or with TLS
+    # ``wrap_socket_and_handle``, which calls ``wrap_socket(sock, **ssl_args)``. Code
+    # written for gevent customises TLS by assigning ``server.wrap_socket`` or overriding
+    # one of these methods. As long as none is customised, the engine does the handshake
+    # itself (bounded by handshake_timeout, counted in stats()["handshake_errors"]); when
+    # one is (seen at start()), each connection goes through ``_handle`` as in gevent.
+
+    def _handle(self, client_socket: Any, address: Any) -> object:
+        """gevent's per-connection entry point: ``wrap_socket_and_handle`` for a TLS
+        server, else ``handle``."""
+        if self.ssl_context is not None:
+            return self.wrap_socket_and_handle(client_socket, address)
+        return self.handle(client_socket, address)
+
+    def wrap_socket(self, client_socket: Any, **wrap_args: Any) -> Any:
+        """Wrap an accepted socket in TLS with the server's context and complete the
+        handshake within ``handshake_timeout``; ``wrap_args`` (gevent's ``ssl_args``) are
+        accepted and already part of the context. On failure ``client_socket`` is closed
+        and the error (``ssl.SSLError``, ``OSError``, ``TimeoutError``) raised. Assign
+        ``server.wrap_socket`` (before :meth:`start`) to wrap your own way, as in gevent.
+        """
         if self.ssl_context is None:
             raise ValueError("this server has no TLS configuration (ssl_context/certfile)")
-        tls = _tls.server_side(client_socket, self.ssl_context, self.handshake_timeout)
-        with tls:
+        return _tls.server_side(client_socket, self.ssl_context, self.handshake_timeout)
+
+    def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> object:
+        """``wrap_socket(client_socket, **ssl_args)``, then ``handle`` with the TLS
+        socket, which is closed afterwards (as gevent's). An error of the wrap is raised
+        as it is, without calling ``handle``."""
+        with self.wrap_socket(client_socket, **(self.ssl_args or {})) as tls:
             return self.handle(tls, address)
+
+    def _gevent_tls_hooks(self) -> bool:
+        """True when a TLS server's hooks are customised: ``wrap_socket`` assigned on the
+        instance, or ``wrap_socket``/``wrap_socket_and_handle``/``_handle`` overridden."""
+        if self.ssl_context is None:
+            return False
+        cls = type(self)
+        return any(name in self.__dict__ or getattr(cls, name) is not getattr(StreamServer, name)
+                   for name in ("wrap_socket", "wrap_socket_and_handle", "_handle"))
 
     def _report_handler_error(self, exc: BaseException, peer: Any) -> None:
         # As for any failed gevent greenlet: the hub decides (prints it, or raises a
@@ -535,11 +580,15 @@ class _Run:
         self.switch = Switch._detached(name)
         limit = server._limit()
         self.limit = limit if limit is not None else 0  # 0: no limit of ours to compare
+        # gevent's TLS hooks customised: the handshake happens in _handle, not the engine.
+        self.engine_tls = not server._gevent_tls_hooks()
+        handler = server._serve_connection if self.engine_tls else server._serve_connection_gevent
         self.acceptor = Acceptor(
-            [sock], server._serve_connection, sw=self.switch,
+            [sock], handler, sw=self.switch,
             max_connections=limit, max_accepts_per_batch=server.max_accept,
             on_error=server._report_handler_error, spawn=server._engine_spawn(), name=name,
-            ssl_context=server.ssl_context, handshake_timeout=server.handshake_timeout,
+            ssl_context=server.ssl_context if self.engine_tls else None,
+            handshake_timeout=server.handshake_timeout,
             proxy_protocol=server.proxy_protocol, idle_timeout=server.idle_timeout,
             # As gevent's server does: a broken listening socket closes the server, so
             # serve_forever() returns (after stop()).
