@@ -208,6 +208,11 @@ class Acceptor:
     def max_connections(self) -> int | None:
         return None if self._limit == float("inf") else int(self._limit)
 
+    def open_connections(self) -> int:
+        """How many connection sockets the engine holds open (``active`` counts the
+        same ones: a consistency check for the faces' ``invariant``)."""
+        return len(self._conns)
+
     def start_accepting(self) -> None:
         """Start (or resume) watching the listening sockets."""
         if self._closed:

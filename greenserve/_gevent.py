@@ -26,8 +26,8 @@ from typing import Any
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
-__all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "kernel_shutdown", "peer_gone", "raw_socket",
-           "tls_send_nowait", "tls_wrap", "wait_readable"]
+__all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "holds", "kernel_shutdown", "peer_gone",
+           "raw_socket", "tls_send_nowait", "tls_wrap", "wait_readable"]
 
 # libev's event masks (a watcher's ``events`` may carry flags of libev's own above them).
 READ = 1
@@ -41,6 +41,12 @@ def raw_socket(sock: Any) -> _socket.socket | None:
     if isinstance(raw, _socket.socket) and raw.fileno() >= 0:
         return raw
     return None
+
+
+def holds(sock: Any, raw: _socket.socket) -> bool:
+    """True while the gevent socket ``sock`` still holds ``raw`` (``raw_socket(sock)``
+    from before): it was not closed or detached since. Cheap: for hot paths."""
+    return sock._sock is raw
 
 
 def kernel_shutdown(sock: Any, how: int = _stdsocket.SHUT_RDWR) -> None:

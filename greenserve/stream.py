@@ -407,7 +407,7 @@ class Writer:
         self._sock = sock
         # A plain gevent socket's non-blocking stdlib socket sends without gevent's
         # wrapper; a TLS socket must go through its SSL object.
-        self._raw: Any = sock._sock if type(sock) is gsocket.socket else None
+        self._raw: Any = _gevent.raw_socket(sock) if type(sock) is gsocket.socket else None
         self._tls = isinstance(sock, gssl.SSLSocket)
         self._fd: int = fd
         self._loop = gevent.get_hub().loop
@@ -549,7 +549,7 @@ class Writer:
         Sends only on a plain socket; anything but success (``EAGAIN``, an error) sends
         nothing here, and the hub's send retries it (and reports an error there)."""
         raw = self._raw
-        if raw is None or self._sock._sock is not raw:
+        if raw is None or not _gevent.holds(self._sock, raw):
             return 0
         try:
             sent: int = raw.send(data)
@@ -572,7 +572,7 @@ class Writer:
         raw = self._raw
         want = _gevent.WRITE
         try:
-            if raw is not None and self._sock._sock is raw:
+            if raw is not None and _gevent.holds(self._sock, raw):
                 sent = raw.send(data)
             elif self._tls:
                 # Never gevent's SSLSocket.send here: it waits (honouring the socket's

@@ -327,8 +327,8 @@ class Server:
         except Exception as exc:
             # Asked before the streams close the socket: the engine checks with the
             # socket whether the peer went away (then: one DEBUG line, no handler error).
-            if exc is writer._error and isinstance(exc, WriterBufferAgeExceeded):
-                return  # _writer_failed ended the connection and logged it
+            # (A writer whose peer stopped reading had the engine abort the connection:
+            # the engine knows that one too.)
             if not self._acceptor.peer_left(sock, peer, exc):
                 raise
         except GreenletExit:
@@ -541,7 +541,7 @@ class Server:
         checks = [
             (0 <= acceptor.active <= (acceptor.active if self._max is None else self._max),
              "0 <= num_connections <= max_connections"),
-            (acceptor.active == len(acceptor._conns), "num_connections counts open sockets"),
+            (acceptor.active == acceptor.open_connections(), "num_connections counts open sockets"),
             (not self._closed or acceptor.closed, "a closed server's acceptor is closed"),
             (not self._closed or self._lsock.closed, "a closed server's socket is closed"),
             (not self._close_finished.is_set() or self._closed, "close_finished => closed"),

@@ -133,3 +133,31 @@ def test_the_tls_error_classes_are_the_stdlibs() -> None:
     # tls_send_nowait catches the stdlib's classes: gevent must raise those.
     assert gssl.SSLWantWriteError is ssl.SSLWantWriteError
     assert gssl.SSLWantReadError is ssl.SSLWantReadError
+
+
+def test_holds_tells_whether_gevent_closed_or_detached_the_socket(certs: Any) -> None:
+    a, b = gsocket.socketpair()
+    raw = _gevent.raw_socket(a)
+    assert raw is not None and _gevent.holds(a, raw)
+    a.close()
+    assert not _gevent.holds(a, raw)
+    c, d = gsocket.socketpair()
+    raw = _gevent.raw_socket(c)
+    assert raw is not None
+    tls = _gevent.tls_wrap(c, certs.server_context(), server_side=True, server_hostname=None)
+    assert not _gevent.holds(c, raw)  # the TLS wrapper took the fd
+    for s in (tls, b, d):
+        s.close()
+
+
+def test_peer_gone_sees_end_of_file_and_resets_but_not_a_live_peer() -> None:
+    a, b = gsocket.socketpair()
+    assert not _gevent.peer_gone(a)  # alive, nothing to read
+    b.sendall(b"x")
+    assert not _gevent.peer_gone(a)  # alive, data waiting (not consumed by the peek)
+    b.close()
+    assert not _gevent.peer_gone(a)  # the unread byte comes first
+    assert a.recv(1) == b"x"
+    assert _gevent.peer_gone(a)      # then end of file
+    a.close()
+    assert not _gevent.peer_gone(a)  # closed: nothing to ask
