@@ -16,7 +16,8 @@ Anything else is answered with an ``ERR ...`` line. A line longer than ``--max-l
 bytes is answered with ``ERR line too long`` and the connection is closed.
 
 SIGINT/SIGTERM stop it gracefully: the listening socket is closed at once, connected
-clients get ``--grace`` seconds to finish, then their connections are closed.
+clients get ``--grace`` seconds to finish, then their connections are closed. A second
+SIGINT/SIGTERM closes them at once.
 """
 
 import argparse
@@ -125,8 +126,15 @@ def main(argv=None):
         max_connections=args.max_connections,
         # A bug in serve_client is logged; the server goes on serving the others.
         on_handler_error=lambda addr, exc: log.error("%s: handler failed", addr, exc_info=exc))
+
+    def on_signal():
+        if server.is_closed:
+            # The second signal: close the clients' connections too, now.
+            server.close(close_existing_connections=True)
+        server.close()  # the first: stop accepting, keep the clients
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(sig, server.close)  # close(): stop accepting, keep clients
+        gevent.signal_handler(sig, on_signal)
     print(f"kv server listening on {server.listening_on_address}", flush=True)
 
     server.close_finished.wait()  # until a signal closes the listening socket

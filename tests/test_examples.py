@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,80 @@ def test_kv_server_example_closes_lingering_connections_after_grace() -> None:
             assert proc.stdout.readline() == b"stopping: 1 connection(s) open, 0.2 s to finish\n"
             assert lines.read() == b""                  # closed by the server after 0.2 s
         assert "closing 1 connection(s) still open" in stop_kv(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+
+
+# -- Ctrl-C / SIGTERM with a client connected: every example exits within its deadline ----
+
+# Slack on top of a deadline, for a loaded 2-core machine.
+SLACK = 5.0
+
+
+def idle_client(addr: str) -> socket.socket:
+    """A connected client that says one thing and then nothing (``nc`` left open)."""
+    c = socket.create_connection(("127.0.0.1", int(addr.rsplit(":", 1)[1])), timeout=10)
+    c.sendall(b"ECHO hi\n")
+    assert c.recv(100).endswith(b"\n")  # served: the connection is counted
+    return c
+
+
+def exits_within(proc: subprocess.Popen, started: float, deadline: float) -> None:
+    """``proc`` exits 0, cleanly, at most ``deadline`` (+ SLACK) seconds after ``started``
+    (a ``time.monotonic()``)."""
+    out, err = proc.communicate(timeout=deadline + SLACK)
+    assert time.monotonic() - started < deadline + SLACK
+    assert proc.returncode == 0, err.decode()
+    assert out.rstrip().endswith(b"stopped"), out
+    assert b"Traceback" not in err, err.decode()
+
+
+@pytest.mark.no_leak_check
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(("name", "args"), [
+    ("echo.py", ["127.0.0.1:0", "0.5"]),
+    ("kv_server.py", ["--bind", "127.0.0.1:0", "--grace", "0.5"]),
+    ("legacy_socketserver.py", ["127.0.0.1:0", "0.5"]),
+])
+def test_a_signal_ends_the_example_within_its_deadline_with_an_idle_client(
+        name: str, args: list[str], sig: int) -> None:
+    proc, addr = run_example(name, *args)
+    try:
+        c = idle_client(addr)
+        started = time.monotonic()
+        proc.send_signal(sig)
+        assert_closed_by_server(c.makefile("rb"))
+        assert time.monotonic() - started >= 0.45  # the deadline, not sooner
+        exits_within(proc, started, 0.5)
+        c.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.no_leak_check
+@pytest.mark.parametrize(("name", "args"), [
+    ("echo.py", ["127.0.0.1:0", "30"]),
+    ("kv_server.py", ["--bind", "127.0.0.1:0", "--grace", "30"]),
+])
+def test_a_second_signal_ends_the_example_at_once(name: str, args: list[str]) -> None:
+    proc, addr = run_example(name, *args)
+    try:
+        c = idle_client(addr)
+        proc.send_signal(signal.SIGINT)
+        if name == "kv_server.py":  # it says when it starts draining
+            assert proc.stdout.readline().startswith(b"stopping: 1 connection(s) open")
+        else:
+            while b"stopping: 1 connection" not in (line := proc.stderr.readline()):
+                assert line, "exited before draining"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert_closed_by_server(c.makefile("rb"))
+        exits_within(proc, started, 0)  # far before the 30 s deadline
+        c.close()
     finally:
         if proc.returncode is None:
             proc.kill()
