@@ -24,12 +24,10 @@ import gevent.os
 from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
-from . import _checks, _tls
+from . import _checks, _connect, _tls
 from ._acceptor import Acceptor, check_connection_options, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
-    AddressLookupFailed,
-    NoMatchingAddresses,
     add_note,
     reraise,
 )
@@ -429,45 +427,10 @@ def connect(addr: object, *, sw: Switch, timeout: float | None = None) -> Flow:
     _check_switch(sw)
     timeout = _check_timeout("timeout", timeout)
     target = parse_address(addr)
-    if isinstance(target, Tcp) and not _is_ip(target.host):
-        flow = _connect_sequential(target.host, str(target.port), timeout)
-    elif isinstance(target, (Tcp, Unix)):
-        flow = connect_flow(target, timeout)
-    else:
+    if not isinstance(target, (Tcp, Unix)):
         raise ValueError(f"cannot connect to {target}: a tcp or unix address is needed")
-    flow._own(sw)
-    return flow
-
-
-def _is_ip(host: str) -> bool:
-    for family in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
-        try:
-            _stdsocket.inet_pton(family, host.split("%", 1)[0])
-            return True
-        except OSError:
-            pass
-    return False
-
-
-def connect_flow(addr: Tcp | Unix, timeout: float | None) -> Flow:
-    """Connect one socket to ``addr`` (an IP literal or a path); not owned by a switch."""
-    try:
-        sock = gsocket.socket(addr.family, _stdsocket.SOCK_STREAM)
-    except OSError as exc:  # e.g. EAFNOSUPPORT: no IPv6 on this host
-        reraise(exc, f"connecting to {addr}", connecting=True)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(addr.sockaddr)
-        sock.settimeout(None)
-        if isinstance(addr, Tcp):
-            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-    except OSError as exc:
-        sock.close()
-        reraise(exc, f"connecting to {addr}", connecting=True)
-    except BaseException:
-        sock.close()
-        raise
-    return Flow(sock, peer=addr)
+    sock, peer = _connect.connect(target, timeout)
+    return Flow(sock, peer=peer, sw=sw)
 
 
 @contextmanager
@@ -496,86 +459,16 @@ def with_tcp_connect(host: str, service: str | int, *, timeout: float | None = N
     if server_hostname is not None and not isinstance(server_hostname, str):
         raise TypeError(f"server_hostname must be a str or None, not "
                         f"{type(server_hostname).__name__}")
-    if delay is None:
-        flow = _connect_sequential(host, str(service), timeout)
-    else:
-        flow = _connect_happy_eyeballs(host, str(service), timeout, delay)
+    sock, peer = _connect.connect_by_name(host, str(service), timeout, delay)
     if ssl_context is not None:
-        tls = _tls.client_side(flow.socket, ssl_context, server_hostname or host, timeout)
-        flow = Flow(tls, peer=flow.peer)
-    with flow:
+        sock = _tls.client_side(sock, ssl_context, server_hostname or host, timeout)
+    with Flow(sock, peer=peer) as flow:
         yield flow
-
-
-def _tcp_targets(host: str, service: str) -> list[Tcp]:
-    targets = [a for a in getaddrinfo_stream(host, service) if isinstance(a, Tcp)]
-    if not targets:
-        raise NoMatchingAddresses(f"{host}:{service} resolved to no TCP address")
-    return targets
-
-
-def _raise_last(failures: list[OSError], host: str, service: str) -> None:
-    last = failures[-1]
-    for earlier in failures[:-1]:
-        add_note(last, f"earlier attempt: {type(earlier).__name__}: {earlier} "
-                       f"({'; '.join(getattr(earlier, '__notes__', []))})")
-    raise last
-
-
-def _connect_sequential(host: str, service: str, timeout: float | None) -> Flow:
-    failures: list[OSError] = []
-    for target in _tcp_targets(host, service):
-        try:
-            return connect_flow(target, timeout)
-        except OSError as exc:  # any failure of this address: try the next one
-            failures.append(exc)
-    _raise_last(failures, host, service)
-    raise AssertionError("unreachable")
 
 
 def interleave_families(targets: list[Tcp]) -> list[Tcp]:
     """RFC 8305 section 4: alternate address families, starting with the first one."""
-    first = targets[0].family
-    same = [t for t in targets if t.family == first]
-    other = [t for t in targets if t.family != first]
-    out: list[Tcp] = []
-    for i in range(max(len(same), len(other))):
-        out.extend(group[i] for group in (same, other) if i < len(group))
-    return out
-
-
-def _connect_happy_eyeballs(host: str, service: str, timeout: float | None,
-                            delay: float) -> Flow:
-    targets = interleave_families(_tcp_targets(host, service))
-    winner: AsyncResult = AsyncResult()
-    failures: list[OSError] = []
-
-    def attempt(target: Tcp, failed: Event) -> None:
-        try:
-            flow = connect_flow(target, timeout)
-        except OSError as exc:  # any failure of this address: try the next one
-            failures.append(exc)
-            failed.set()
-            return
-        if winner.ready():
-            flow.close()  # lost the race
-            return
-        winner.set(flow)
-        sw.cancel()
-
-    with Switch(name=f"happy eyeballs {host}") as sw:
-        for target in targets:
-            failed = Event()
-            sw.fork(attempt, target, failed)
-            # RFC 8305 section 5: the next attempt starts when this one fails or the
-            # delay passes, whichever is first.
-            gevent.wait([failed, winner], count=1, timeout=delay)
-            if winner.ready():
-                break
-    if winner.ready():
-        return winner.get()
-    _raise_last(failures, host, service)
-    raise AssertionError("unreachable")
+    return _connect.interleave_families(targets)
 
 
 # -- datagrams -------------------------------------------------------------------------------
@@ -644,29 +537,7 @@ def getaddrinfo(host: str, service: str | int | None = None) -> list[Tcp | Udp |
     """
     if not isinstance(host, str) or not host:
         raise ValueError(f"host must be a non-empty str, not {host!r}")
-    port = 0 if service is None else service
-    try:
-        infos = gsocket.getaddrinfo(host, port)
-    except OSError as exc:
-        reraise(exc, f"looking up {host}:{port}")
-    result: list[Tcp | Udp | Unix] = []
-    for family, kind, _proto, _canon, sockaddr in infos:
-        addr = _from_info(family, kind, sockaddr)
-        if addr is not None and addr not in result:
-            result.append(addr)
-    if not result:
-        raise AddressLookupFailed(_stdsocket.EAI_NONAME, f"{host}:{port} resolved to nothing")
-    return result
-
-
-def _from_info(family: int, kind: int, sockaddr: Any) -> Tcp | Udp | None:
-    if family not in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
-        return None
-    if kind == _stdsocket.SOCK_STREAM:
-        return Tcp(sockaddr[0], sockaddr[1])
-    if kind == _stdsocket.SOCK_DGRAM:
-        return Udp(sockaddr[0], sockaddr[1])
-    return None
+    return _connect.resolve(host, service)
 
 
 def getaddrinfo_stream(host: str, service: str | int | None = None) -> list[Tcp | Unix]:

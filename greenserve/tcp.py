@@ -43,7 +43,7 @@ from gevent import GreenletExit, getcurrent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from . import _checks, _tls
+from . import _checks, _connect, _tls
 from ._acceptor import Acceptor, check_connection_options, check_limits
 from .address import Fd, Tcp, Unix, parse_address
 from .errors import (
@@ -53,7 +53,6 @@ from .errors import (
     add_note,
 )
 from .flow import ListeningSocket, _configure_and_bind, open_listener
-from .net import _connect_sequential, _is_ip, connect_flow
 from .stream import DEFAULT_BUFFER_AGE_LIMIT, Reader, Writer
 from .switch import Switch
 
@@ -645,7 +644,7 @@ def connect_sock(where: object, *, timeout: float | None = DEFAULT_CONNECT_TIMEO
         raise TypeError(f"server_hostname must be a str or None, not "
                         f"{type(server_hostname).__name__}")
     with _bounded(target, timeout, interrupt):
-        sock = _connect_plain(target)
+        sock, _ = _connect.connect(target, None)  # bounded by _bounded's timeout
         if ssl_context is None:
             return sock
         hostname = server_hostname
@@ -702,16 +701,6 @@ def _connect_target(where: object) -> Tcp | Unix:
     if not isinstance(target, (Tcp, Unix)):
         raise ValueError(f"where: cannot connect to {target}: a tcp or unix address is needed")
     return target
-
-
-def _connect_plain(target: Tcp | Unix) -> gsocket.socket:
-    # net's connectors: one attempt for an IP literal or a path, each resolved address
-    # in order for a name. They close the socket on any failure, BaseException included.
-    if isinstance(target, Tcp) and not _is_ip(target.host):
-        flow = _connect_sequential(target.host, str(target.port), None)
-    else:
-        flow = connect_flow(target, None)
-    return flow.socket
 
 
 class _Interrupted(BaseException):

@@ -26,6 +26,7 @@ from greenserve import (
     Tcp,
     Udp,
     Unix,
+    _connect,
     net,
 )
 from greenserve.flow import Flow
@@ -219,7 +220,7 @@ def test_connect_by_name() -> None:
 
 def _targets(monkeypatch: pytest.MonkeyPatch, addrs: list[Tcp]) -> None:
     # Name resolution is the only thing replaced: the attempts are real connects.
-    monkeypatch.setattr(net, "getaddrinfo_stream", lambda host, service=None: list(addrs))
+    monkeypatch.setattr(_connect, "resolve", lambda host, service=None: list(addrs))
 
 
 def test_with_tcp_connect_tries_addresses_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
