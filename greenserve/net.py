@@ -25,7 +25,7 @@ from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
 from . import _checks, _connect, _tls
-from ._acceptor import Acceptor, check_connection_options, check_limits
+from ._acceptor import Acceptor, ServerOptions, check_connection_options, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
     add_note,
@@ -225,7 +225,7 @@ def _check_listeners(listeners: object) -> None:
 
 def _check_serving(handler: object, on_error: object, max_connections: object,
                    additional_processes: object, stop: object, abort: object) -> None:
-    check_limits(max_connections, 1)  # type: ignore[arg-type]
+    check_limits(max_connections, 1)
     if isinstance(additional_processes, bool) or not isinstance(additional_processes, int):
         raise TypeError(f"additional_processes must be an int, not "
                         f"{type(additional_processes).__name__}")
@@ -284,43 +284,22 @@ def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], obje
     name = f"run_server {' '.join(str(ls.address) for ls in listeners)}"
     broken: AsyncResult = AsyncResult()  # fails if a listening socket breaks
     with Switch(name=name) as sw:
-        acceptor = Acceptor([ls.socket for ls in listeners], serve_one, sw=sw,
-                            max_connections=max_connections,
+        acceptor = Acceptor([ls.socket for ls in listeners], serve_one,
+                            ServerOptions(max_connections=max_connections, **options), sw=sw,
                             on_error=lambda exc, peer: on_error(exc), name=name,
-                            on_fatal=broken.set_exception, **options)
+                            on_fatal=broken.set_exception)
         acceptor.start_accepting()
         try:
             result = _wait_for_stop(stop, broken, abort)
         except BaseException:  # cancelled, or stop.set_exception(): cancel the handlers
             acceptor.close(close_listeners=False)
             raise
-        acceptor.close(close_listeners=False)
-        _drain(acceptor, drain_timeout, abort)
+        # Handlers get drain_timeout (or until abort), then are aborted; the switch
+        # waits for them to unwind.
+        acceptor.drain(drain_timeout, abort=abort)
     if broken.ready():
         broken.get()  # raises the listening socket's error, now that the handlers are done
     return result
-
-
-def _plural(n: int) -> str:
-    return f"{n} connection" if n == 1 else f"{n} connections"
-
-
-def _drain(acceptor: Acceptor, drain_timeout: float | None, abort: Event | None) -> None:
-    """Wait for the handlers up to ``drain_timeout`` (or until ``abort`` is set), then
-    shut down the connections still open and cancel their handlers; the caller's
-    switch waits for them to unwind."""
-    deadline = "waiting for them" if drain_timeout is None else f"up to {drain_timeout:g} s"
-    log.info("%s: stopping: %s, %s", acceptor.name, _plural(acceptor.active), deadline)
-    events = [acceptor.idle] if abort is None else [acceptor.idle, abort]
-    gevent.wait(events, timeout=drain_timeout, count=1)
-    if acceptor.idle.is_set():
-        return
-    if abort is not None and abort.is_set():
-        log.info("%s: closing %s now", acceptor.name, _plural(acceptor.active))
-    else:
-        log.info("%s: %s still open after %s s: closing them",
-                 acceptor.name, _plural(acceptor.active), drain_timeout)
-    acceptor.abort_connections()
 
 
 def _wait_for_stop(stop: Event | AsyncResult | None, broken: AsyncResult,

@@ -106,7 +106,7 @@ def test_stopping_is_logged_with_the_count_and_the_deadline(
     messages = [r.getMessage() for r in caplog.records]
     name = f"run_server {lsock.address}"
     assert f"{name}: stopping: 1 connection, up to {SHORT_DRAIN:g} s" in messages
-    assert f"{name}: 1 connection still open after {SHORT_DRAIN} s: closing them" in messages
+    assert f"{name}: closing 1 connection after {SHORT_DRAIN:g} s" in messages
 
 
 def test_abort_closes_connections_at_once_during_the_drain() -> None:
