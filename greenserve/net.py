@@ -25,7 +25,7 @@ from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
 from . import _checks, _connect, _tls
-from ._acceptor import Acceptor, ServerOptions, check_connection_options, check_limits
+from ._acceptor import Acceptor, check_connection_options, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
     add_note,
@@ -225,7 +225,7 @@ def _check_listeners(listeners: object) -> None:
 
 def _check_serving(handler: object, on_error: object, max_connections: object,
                    additional_processes: object, stop: object, abort: object) -> None:
-    check_limits(max_connections, 1)
+    check_limits(max_connections, 1)  # type: ignore[arg-type]
     if isinstance(additional_processes, bool) or not isinstance(additional_processes, int):
         raise TypeError(f"additional_processes must be an int, not "
                         f"{type(additional_processes).__name__}")
@@ -284,10 +284,10 @@ def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], obje
     name = f"run_server {' '.join(str(ls.address) for ls in listeners)}"
     broken: AsyncResult = AsyncResult()  # fails if a listening socket breaks
     with Switch(name=name) as sw:
-        acceptor = Acceptor([ls.socket for ls in listeners], serve_one,
-                            ServerOptions(max_connections=max_connections, **options), sw=sw,
+        acceptor = Acceptor([ls.socket for ls in listeners], serve_one, sw=sw,
+                            max_connections=max_connections,
                             on_error=lambda exc, peer: on_error(exc), name=name,
-                            on_fatal=broken.set_exception)
+                            on_fatal=broken.set_exception, **options)
         acceptor.start_accepting()
         try:
             result = _wait_for_stop(stop, broken, abort)
