@@ -3,7 +3,9 @@
 
 ``str()`` of an address is its canonical text (``tcp:127.0.0.1:8080``,
 ``tcp:[::1]:8080``, ``unix:/run/x.sock``, ``udp:127.0.0.1:53``, ``fd://3``) and
-``parse_address(str(a)) == a`` for every address ``a``.
+``parse_address(str(a)) == a`` for every address ``a`` (but the unnamed unix peer,
+``unix:``). A unix name that is not printable text (an abstract name, bytes that are
+not UTF-8, control characters) is written quoted: ``unix:"\\x00name"``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Literal, Union, overload
 
 __all__ = ["Address", "Fd", "StreamAddress", "Tcp", "Udp", "Unix", "from_sockaddr",
            "parse_address"]
+
+_set_field = object.__setattr__  # how a frozen dataclass sets its own fields
 
 
 def _check_host(host: object, cls: str) -> None:
@@ -80,33 +84,100 @@ class Udp(_Inet):
         return f"udp:{_host_text(self.host)}:{self.port}"
 
 
+# sockaddr_un.sun_path on Linux. The kernel takes all of it for any name: an abstract
+# one (its leading NUL included) and a file path too, which then has no terminating
+# NUL (the socket module refuses to bind or connect to such a path, but a peer
+# written in C can bind one, and accept() then reports it).
+_SUN_PATH = 108
+
+
+def _unix_name(path: object) -> bytes:
+    """The bytes of a unix socket name given as ``str`` (file-system encoding, as the
+    ``socket`` module encodes it: surrogate escapes stand for undecodable bytes) or
+    ``bytes``."""
+    if isinstance(path, bytes):
+        return path
+    if not isinstance(path, str):
+        raise TypeError(f"Unix: path must be a str or bytes, not {type(path).__name__}")
+    try:
+        return path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ValueError(f"Unix: path {path!r} has a lone surrogate that stands for "
+                         "no byte") from None
+
+
+def _checked_unix_path(path: object) -> str | bytes:
+    """``path`` in canonical form: ``str`` when its bytes are UTF-8, else ``bytes``, so
+    that two spellings of one name are one (equal, same hash) address."""
+    name = _unix_name(path)
+    if not name:
+        raise ValueError("Unix: path must not be empty")
+    if len(name) > _SUN_PATH:
+        raise ValueError(f"Unix: path {path!r} is longer than {_SUN_PATH} bytes")
+    if name[0] != 0 and 0 in name:
+        # The kernel would silently cut a file path at its first NUL.
+        raise ValueError(f"Unix: path {path!r} has a NUL byte (only an abstract name, "
+                         "which starts with one, may)")
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return name
+
+
 @dataclass(frozen=True, slots=True)
 class Unix:
-    """A unix-domain socket path; a path starting with ``"\\0"`` is a Linux abstract socket."""
+    """A unix-domain socket name: a file path, or (starting with NUL) a Linux abstract
+    name.
 
-    path: str
+    ``path`` is a ``str`` when the name is UTF-8 text and ``bytes`` when it is not (a
+    peer may bind to any bytes); either may be given, and a ``str`` with surrogate
+    escapes (``os.fsdecode``) stands for the bytes they escape. At most 108 bytes.
+    """
+
+    path: str | bytes
 
     def __post_init__(self) -> None:
-        if not isinstance(self.path, str):
-            raise TypeError(f"Unix: path must be a str, not {type(self.path).__name__}")
-        if not self.path:
-            raise ValueError("Unix: path must not be empty")
-        if len(self.path.encode()) > 107:
-            raise ValueError(f"Unix: path {self.path!r} is longer than 107 bytes")
+        _set_field(self, "path", _checked_unix_path(self.path))
 
     family = socket.AF_UNIX
 
     @property
-    def sockaddr(self) -> str:
+    def sockaddr(self) -> str | bytes:
+        """The name as the ``socket`` module takes it."""
         return self.path
 
     @property
     def abstract(self) -> bool:
-        return self.path.startswith("\0")
+        path = self.path
+        return path[:1] == ("\0" if isinstance(path, str) else b"\0")
 
     def __str__(self) -> str:
-        # "unix://x" reads as an empty authority before "x": keep a leading "//" intact
-        return f"unix://{self.path}" if self.path.startswith("//") else f"unix:{self.path}"
+        path = self.path
+        if isinstance(path, str) and _plain(path):
+            # "unix://x" reads as an empty authority before "x": keep a leading "//" intact
+            return f"unix://{path}" if path.startswith("//") else f"unix:{path}"
+        return f'unix:"{_quote(_unix_name(path))}"'
+
+
+def _plain(path: str) -> bool:
+    """Whether ``unix:<path>`` is safe to print and parses back to ``path``: printable
+    (no NUL, no newline to forge a log line), not cut by ``parse_address``'s strip,
+    not read as the quoted form."""
+    return path.isprintable() and path == path.strip() and not path.startswith('"')
+
+
+def _quote(name: bytes) -> str:
+    """The inside of the quoted form: printable UTF-8 text as is, ``\\\\`` and ``\\"``
+    for a backslash and a quote, ``\\xHH`` for every other byte."""
+    out = []
+    for ch in name.decode("utf-8", "surrogateescape"):
+        if ch in '\\"':
+            out.append("\\" + ch)
+        elif ch.isprintable():  # never a surrogate escape: those are not printable
+            out.append(ch)
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in ch.encode("utf-8", "surrogateescape"))
+    return "".join(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +227,47 @@ def _host_port(text: str, original: object, default_host: str) -> tuple[str, int
     return host or default_host, _port(m.group("port"), original)
 
 
-def _unix(path: str, original: object) -> Unix:
-    if path.startswith("//"):  # unix:///path: an empty authority
-        path = path[2:]
+def _unix(text: str, original: object) -> Unix:
+    path: str | bytes
+    if text.startswith('"'):
+        path = _unquote(text, original)
+    elif text.startswith("//"):  # unix:///path: an empty authority
+        path = text[2:]
+    else:
+        path = text
     if not path:
         raise ValueError(f"address {original!r}: empty unix path")
-    return Unix(path)
+    try:
+        return Unix(path)
+    except ValueError as exc:
+        raise ValueError(f"address {original!r}: {exc}") from None
+
+
+# One piece of a quoted unix name: \xHH, \" or \\, or a run of other characters.
+_QUOTED_PIECE = re.compile(r'\\x([0-9a-fA-F]{2})|\\(["\\])|([^"\\]+)')
+
+
+def _unquote(text: str, original: object) -> bytes:
+    """The name in ``"..."`` (the quoted form :meth:`Unix.__str__` writes)."""
+    if len(text) < 2 or not text.endswith('"'):
+        raise ValueError(f"address {original!r}: a quoted unix path must end with '\"'")
+    body, name, pos = text[1:-1], bytearray(), 0
+    while pos < len(body):
+        m = _QUOTED_PIECE.match(body, pos)
+        if m is None:
+            raise ValueError(f"address {original!r}: in a quoted unix path write \\\\, "
+                             f'\\" or \\xHH, not {body[pos:pos + 4]!r}')
+        hex_byte, escaped, run = m.groups()
+        if hex_byte is not None:
+            name.append(int(hex_byte, 16))
+        else:
+            try:
+                name += (escaped or run).encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raise ValueError(f"address {original!r}: a lone surrogate stands for "
+                                 "no byte") from None
+        pos = m.end()
+    return bytes(name)
 
 
 def _fd(text: str, original: object) -> Fd:
@@ -231,9 +337,10 @@ def from_sockaddr(family: int, sockaddr: Any, *, datagram: Literal[True]) -> Udp
 def from_sockaddr(family: int, sockaddr: Any, *, datagram: bool = False) -> Tcp | Udp | Unix:
     """The address object for what ``accept``/``getpeername``/``recvfrom`` returned."""
     if family == socket.AF_UNIX:
-        path = sockaddr.decode("utf-8", "surrogateescape") if isinstance(sockaddr, bytes) \
-            else sockaddr
-        return Unix(path) if path else _UNNAMED
+        # Whatever a peer bound: text, bytes that are not UTF-8 (the socket module gives
+        # them surrogate-escaped), an abstract name of up to 108 bytes (as bytes), or
+        # nothing ("", or None from recvfrom). Unix takes every one of them.
+        return Unix(sockaddr) if sockaddr else _UNNAMED
     # What the kernel returned needs no checking: skip the dataclass __init__ and its
     # validation (this runs for every accepted connection and received datagram).
     cls: type[Tcp] | type[Udp] = Udp if datagram else Tcp
@@ -242,5 +349,3 @@ def from_sockaddr(family: int, sockaddr: Any, *, datagram: bool = False) -> Tcp 
     _set_field(address, "port", sockaddr[1])
     return address
 
-
-_set_field = object.__setattr__  # how a frozen dataclass sets its own fields

@@ -54,17 +54,20 @@ def _receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> A
         sock._wait(sock._read_event)
 
 
+# (path, pid, st_dev, st_ino) of a unix socket file this process bound
+_Bound = tuple[str | bytes, int, int, int]
+
+
 class _Owned:
     """Close-once and switch-ownership bookkeeping shared by the socket wrappers."""
 
     __slots__ = ("_closed", "_hook", "_sock", "_unlink")
 
-    def __init__(self, sock: gsocket.socket,
-                 unlink: tuple[str, int, int, int] | None = None) -> None:
+    def __init__(self, sock: gsocket.socket, unlink: _Bound | None = None) -> None:
         self._sock = sock
         self._hook: ReleaseHook | None = None
         self._closed = False
-        self._unlink = unlink  # (path, pid, st_dev, st_ino) of a unix path we bound
+        self._unlink = unlink
 
     def _own(self, sw: Switch | None) -> None:
         if sw is not None:
@@ -219,7 +222,7 @@ class ListeningSocket(_Owned):
     __slots__ = ("__weakref__", "_address")
 
     def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None,
-                 unlink: tuple[str, int, int, int] | None = None) -> None:
+                 unlink: _Bound | None = None) -> None:
         super().__init__(sock, unlink)
         self._address = from_sockaddr(sock.family, sock.getsockname())
         self._own(sw)
@@ -238,8 +241,12 @@ class ListeningSocket(_Owned):
             conn, raw = self._sock.accept()
         except OSError as exc:
             reraise(exc, f"accepting on {self._address}")
-        peer = from_sockaddr(conn.family, raw)
-        return Flow(conn, peer=peer, sw=sw), peer
+        try:
+            peer = from_sockaddr(conn.family, raw)  # whatever name the peer bound
+            return Flow(conn, peer=peer, sw=sw), peer
+        except BaseException:
+            conn.close()  # not yet owned by a Flow: nobody else would close it
+            raise
 
 
 class DatagramSocket(_Owned):
@@ -248,7 +255,7 @@ class DatagramSocket(_Owned):
     __slots__ = ("__weakref__",)
 
     def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None,
-                 unlink: tuple[str, int, int, int] | None = None) -> None:
+                 unlink: _Bound | None = None) -> None:
         super().__init__(sock, unlink)
         self._own(sw)
 
@@ -281,15 +288,15 @@ class DatagramSocket(_Owned):
             n, raw = self._sock.recvfrom_into(buffer)
         except OSError as exc:
             reraise(exc)
-        if self._sock.family == _stdsocket.AF_UNIX and not raw:
-            return from_sockaddr(_stdsocket.AF_UNIX, "", datagram=True), n  # unbound sender
+        # A unix sender may be unbound (raw is None), abstract or a name that is not
+        # UTF-8: from_sockaddr takes them all.
         return from_sockaddr(self._sock.family, raw, datagram=True), n
 
 
 # -- creating listening sockets ------------------------------------------------------------
 
 
-def _unlink_if_ours(path: str, pid: int, dev: int, ino: int) -> None:
+def _unlink_if_ours(path: str | bytes, pid: int, dev: int, ino: int) -> None:
     if os.getpid() != pid:
         return  # a forked child shares the socket but does not own the path
     try:
@@ -300,32 +307,47 @@ def _unlink_if_ours(path: str, pid: int, dev: int, ino: int) -> None:
         os.unlink(path)
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove the socket file at ``path`` if it is stale (nobody bound to it any more).
+def _remove_stale_socket(path: str | bytes) -> None:
+    """Remove the socket file at ``path`` if it is stale (no socket is bound to it).
 
     Anything else is left alone: a file that is not a socket (``FileExistsError``),
-    and a socket someone is still serving on (``EADDRINUSE``, as ``SO_REUSEADDR`` never
-    takes a TCP port from a listening server either).
+    and a socket file some socket is still bound to, listening or not (``EADDRINUSE``,
+    as ``SO_REUSEADDR`` never takes a TCP port from a server either).
     """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket: not removed")
-    if _socket_in_use(path):
-        raise OSError(errno.EADDRINUSE, f"{path} is a socket in use: not removed")
-    os.unlink(path)
-
-
-def _socket_in_use(path: str) -> bool:
-    # Only a socket file nobody is bound to refuses a connection (ECONNREFUSED). A
-    # listener accepts it (and then sees our probe close), a full backlog says EAGAIN,
-    # a bound datagram socket EPROTOTYPE: all in use. The raw socket never blocks.
-    probe = _socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        raise FileExistsError(errno.EEXIST,
+                              f"{_shown(path)} exists and is not a socket: not removed")
+    if _socket_bound(path):
+        raise OSError(errno.EADDRINUSE, f"{_shown(path)} is a socket in use: not removed")
     try:
-        probe.setblocking(False)
-        probe.connect(path)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # someone else removed it meanwhile: the path is free all the same
+
+
+def _socket_bound(path: str | bytes) -> bool:
+    """Whether some socket is bound to the socket file ``path``, listening or not.
+
+    Asked of the kernel with a datagram probe: ``connect`` finds the socket bound to
+    the file's inode (in any network namespace: the file is the rendezvous) and fails
+    with ``ECONNREFUSED`` only when there is none. A bound stream or seqpacket socket,
+    listening or not, gives ``EPROTOTYPE`` (another socket type); a bound datagram
+    socket takes the probe, or ``EPERM`` when it is connected elsewhere. (A stream probe
+    gets ``ECONNREFUSED`` from a socket that is bound but not listening yet too, and a
+    listener would see the probe as a connection.) Any other failure (``EACCES``) says
+    nothing about the socket: it counts as bound, so the file is kept.
+
+    /proc/net/unix cannot answer this: it lists the path each socket was bound *with*
+    (relative, or through another directory name), unescaped (a newline in a name
+    splits its line), and only this network namespace's sockets.
+    """
+    probe = _socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_DGRAM)
+    try:
+        probe.connect(path)  # a datagram connect never blocks: it only looks up the peer
     except (ConnectionRefusedError, FileNotFoundError):
         return False
     except OSError:
@@ -335,8 +357,11 @@ def _socket_in_use(path: str) -> bool:
     return True
 
 
-def _bind_unix(sock: gsocket.socket, addr: Unix, reuse_addr: bool
-               ) -> tuple[str, int, int, int] | None:
+def _shown(path: str | bytes) -> str:
+    return path if isinstance(path, str) else repr(path)
+
+
+def _bind_unix(sock: gsocket.socket, addr: Unix, reuse_addr: bool) -> _Bound | None:
     if addr.abstract:
         sock.bind(addr.path)
         return None
@@ -398,7 +423,7 @@ def open_listener(addr: Address, *, backlog: int, reuse_addr: bool = False,
 
 
 def _configure_and_bind(sock: gsocket.socket, addr: Tcp | Unix, reuse_addr: bool,
-                        reuse_port: bool) -> tuple[str, int, int, int] | None:
+                        reuse_port: bool) -> _Bound | None:
     if isinstance(addr, Unix):
         return _bind_unix(sock, addr, reuse_addr)
     if reuse_addr:

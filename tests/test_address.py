@@ -1,8 +1,9 @@
-"""greenserve.address: the address types and parse_address (API.md section 3)."""
+"""greenserve.address: the address types and parse_address."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 
 import pytest
@@ -104,6 +105,11 @@ def test_wrong_types(value: object) -> None:
         (lambda: Udp(1, 2), "host"),  # type: ignore[arg-type]
         (lambda: Unix(""), "path"),
         (lambda: Unix("/" + "x" * 200), "path"),
+        (lambda: Unix("/" + "x" * 108), "path"),      # 109 bytes: more than sun_path
+        (lambda: Unix("\0" + "x" * 108), "path"),
+        (lambda: Unix(b"/a\0b"), "path"),           # the kernel would cut it at the NUL
+        (lambda: Unix("\ud800"), "path"),           # a surrogate that escapes no byte
+        (lambda: Unix(bytearray(b"/x")), "path"),  # type: ignore[arg-type]
         (lambda: Fd(-1), "fd"),
     ],
 )
@@ -163,3 +169,119 @@ def test_parse_never_raises_anything_else(text: str) -> None:
         parse_address(text)
     except (ValueError, TypeError):
         pass
+
+
+# -- unix names that are not plain text ------------------------------------------------------
+
+
+def test_unix_path_is_text_when_it_can_be_and_bytes_otherwise() -> None:
+    assert Unix(b"/run/x.sock") == Unix("/run/x.sock")
+    assert type(Unix(b"/run/x.sock").path) is str
+    odd = Unix(b"/tmp/c\xff")
+    assert odd.path == b"/tmp/c\xff" and odd.sockaddr == b"/tmp/c\xff"
+    # what the socket module gives for that name: the same address, the same hash
+    assert Unix(os.fsdecode(b"/tmp/c\xff")) == odd
+    assert hash(Unix("/tmp/c\udcff")) == hash(odd)
+    assert Unix(b"\0name") == Unix("\0name") and Unix(b"\0\xff").abstract
+
+
+def test_unix_length_limits_are_the_kernels() -> None:
+    # sun_path is 108 bytes; Linux takes all of them, for an abstract name (its NUL
+    # included) and for a file path (stored without a terminating NUL).
+    assert len(Unix(b"\0" + b"\xfe" * 107).sockaddr) == 108
+    assert len(Unix("/" + "x" * 107).sockaddr) == 108
+    assert Unix("\0").abstract  # the empty abstract name is a name too
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [
+        ("/run/ü.sock", "unix:/run/ü.sock"),
+        ("a\\b", "unix:a\\b"),  # no escapes in the plain form
+        ("//x", "unix:////x"),
+        ("\0name", 'unix:"\\x00name"'),
+        (b"/tmp/c\xff", 'unix:"/tmp/c\\xff"'),
+        ("x\ny", 'unix:"x\\x0ay"'),  # a name cannot forge a log line
+        (" a ", 'unix:" a "'),  # parse_address strips outside the quotes only
+        ('"q', 'unix:"\\"q"'),
+        ('"\\', r'unix:"\"\\"'),  # a quote, a backslash
+        ("\u2028", 'unix:"\\xe2\\x80\\xa8"'),  # unprintable: escaped byte by byte
+    ],
+)
+def test_unix_text_is_plain_when_safe_and_quoted_otherwise(path: str | bytes,
+                                                           text: str) -> None:
+    assert str(Unix(path)) == text
+    assert parse_address(text) == Unix(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('unix:"/run/x.sock"', "/run/x.sock"),
+        ('UNIX:"\\x00abs"', "\0abs"),
+        ('  unix:"\\xC3\\xA9"  ', "é"),  # upper-case hex; a UTF-8 name is text
+        ("unix:\0abstract", "\0abstract"),  # the unquoted NUL is still taken
+    ],
+)
+def test_parse_quoted_unix_paths(text: str, expected: str) -> None:
+    assert parse_address(text) == Unix(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('unix:"/x', "must end with"),
+        ('unix:"', "must end with"),
+        ('unix:""', "empty unix path"),
+        ('unix:"a\\qb"', "write"),
+        ('unix:"a"b"', "write"),
+        ('unix:"\\x4"', "write"),
+        ('unix:"/a\\x00b"', "NUL"),
+        ('unix:"\ud800"', "surrogate"),
+        ('unix:"\\x00' + "x" * 108 + '"', "108 bytes"),
+    ],
+)
+def test_bad_quoted_unix_paths_name_the_text(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        parse_address(text)
+    assert repr(text) in str(info.value)
+
+
+def test_from_sockaddr_takes_every_unix_form_the_kernel_gives() -> None:
+    unnamed = from_sockaddr(socket.AF_UNIX, "")
+    assert from_sockaddr(socket.AF_UNIX, None, datagram=True) is unnamed  # recvfrom
+    assert from_sockaddr(socket.AF_UNIX, b"") is unnamed
+    full = b"\0" + b"\xfe" * 107
+    assert from_sockaddr(socket.AF_UNIX, full) == Unix(full)
+    assert from_sockaddr(socket.AF_UNIX, "/tmp/c\udcff") == Unix(b"/tmp/c\xff")
+    assert from_sockaddr(socket.AF_UNIX, "/" + "y" * 107) == Unix("/" + "y" * 107)
+
+
+# Every name a unix socket can have: a file path (any bytes but NUL) or an abstract one.
+file_names = st.binary(min_size=1, max_size=108).map(
+    lambda b: b.replace(b"\0", b"")).filter(bool)
+abstract_names = st.binary(max_size=107).map(lambda b: b"\0" + b)
+
+
+@given(st.one_of(file_names, abstract_names))
+def test_every_unix_name_round_trips_and_prints(name: bytes) -> None:
+    # What the socket module returns for it: bytes for an abstract name, surrogate-
+    # escaped text for a file path.
+    kernel = name if name[:1] == b"\0" else os.fsdecode(name)
+    addr = from_sockaddr(socket.AF_UNIX, kernel)
+    assert addr == Unix(name) == Unix(kernel)
+    assert os.fsencode(addr.path) == name
+    text = str(addr)
+    assert text.isprintable()  # printable: safe for any log or terminal
+    assert parse_address(text) == addr
+    assert eval(repr(addr), {"Unix": Unix}) == addr
+
+
+@given(st.text(max_size=40))
+def test_parse_of_any_unix_text_raises_only_value_error(text: str) -> None:
+    for candidate in (f"unix:{text}", f'unix:"{text}"'):
+        try:
+            addr = parse_address(candidate)
+        except ValueError:
+            continue
+        assert parse_address(str(addr)) == addr

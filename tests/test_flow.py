@@ -1,4 +1,4 @@
-"""greenserve.Flow over real loopback sockets (API.md section 5, Flow)."""
+"""greenserve.Flow over real loopback sockets."""
 
 from __future__ import annotations
 

@@ -111,28 +111,80 @@ def test_a_stale_socket_is_replaced_with_reuse_addr_only(binder: str, tmp_path: 
     assert not path.exists()  # ours now: removed when we closed
 
 
-@pytest.mark.parametrize("their_type", [socket.SOCK_STREAM, socket.SOCK_DGRAM],
-                         ids=["listening", "datagram"])
+# Someone else's live socket at the path: (socket type, whether it listens).
+LIVE = {"listening": (socket.SOCK_STREAM, True),
+        "bound, not listening yet": (socket.SOCK_STREAM, False),
+        "seqpacket, not listening": (socket.SOCK_SEQPACKET, False),
+        "datagram": (socket.SOCK_DGRAM, False)}
+
+
+@pytest.mark.parametrize("state", list(LIVE))
 @pytest.mark.parametrize("binder", list(BINDERS))
-def test_a_live_socket_of_someone_else_is_never_removed(binder: str, their_type: int,
+def test_a_live_socket_of_someone_else_is_never_removed(binder: str, state: str,
                                                        tmp_path: Path) -> None:
     # reuse_addr removes a *stale* socket file; like SO_REUSEADDR on a TCP port, it
-    # does not take the address from a socket someone is still using.
+    # does not take the address from a socket someone is still using. A socket is in
+    # use from bind() on: a server that binds, then listens a moment later, keeps its
+    # path (the probe once took ECONNREFUSED from it for a stale file).
+    their_type, listening = LIVE[state]
     path = tmp_path / "theirs.sock"
     theirs = socket.socket(socket.AF_UNIX, their_type)
-    theirs.bind(str(path))
-    if their_type == socket.SOCK_STREAM:
-        theirs.listen(8)
-    inode = os.lstat(path).st_ino
     try:
+        theirs.bind(str(path))
+        if listening:
+            theirs.listen(8)
+        inode = os.lstat(path).st_ino
         with pytest.raises(OSError) as info, BINDERS[binder](str(path), True):
             pass
         assert info.value.errno == errno.EADDRINUSE
         assert os.lstat(path).st_ino == inode
+        if their_type != socket.SOCK_DGRAM:
+            if listening:  # checking cost them nothing: no connection to accept
+                theirs.setblocking(False)
+                try:
+                    probe, _ = theirs.accept()
+                except BlockingIOError:
+                    pass
+                else:
+                    probe.close()
+                    pytest.fail("checking the path handed their listener a connection")
+            else:
+                theirs.listen(8)  # they go on as planned
         with socket.socket(socket.AF_UNIX, their_type) as c:  # and it still reaches them
             c.connect(str(path))
     finally:
         theirs.close()
+
+
+@pytest.mark.no_leak_check  # the other socket is in a child process
+@pytest.mark.timeout(30)
+def test_a_socket_bound_in_another_network_namespace_is_never_removed(tmp_path: Path) -> None:
+    # /proc/net/unix lists only this network namespace's sockets; the kernel's lookup
+    # of a socket file's socket (what the probe asks) sees every namespace's.
+    path = tmp_path / "elsewhere.sock"
+    code = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); "
+            "print('bound', flush=True); sys.stdin.read()")
+    try:
+        proc = subprocess.Popen(["unshare", "--map-root-user", "--net", sys.executable, "-c",
+                                 code, str(path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        pytest.skip("no unshare command")
+    try:
+        line = proc.stdout.readline()
+        if line != b"bound\n":
+            pytest.skip(f"cannot make a network namespace: {proc.stderr.read()!r}")
+        assert not any(str(path) in entry for entry in Path("/proc/net/unix").read_text()
+                       .splitlines())
+        with pytest.raises(OSError) as info, via_listen(str(path), True):
+            pass
+        assert info.value.errno == errno.EADDRINUSE
+        assert kind(path) == "socket"
+    finally:
+        proc.stdin.close()
+        proc.communicate(timeout=20)
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 # -- what happens to the path after we bound it ---------------------------------------------
