@@ -1,12 +1,13 @@
 """Item 9, socket activation: inherited listening sockets (``fd://N``) served through
 ``net.listen`` + ``net.serve_listeners``, ``StreamServer``, and the ``greenserve``
 command started as systemd does with ``LISTEN_FDS=2`` (a TCP and a unix socket),
-serving on both. An inherited unix socket's path belongs to whoever created it: it is
-never unlinked."""
+serving on both, and the command under systemd's own ``systemd-socket-activate``. An
+inherited unix socket's path belongs to whoever created it: it is never unlinked."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -153,3 +154,53 @@ def test_listen_fds_for_another_process_are_ignored() -> None:
     assert systemd_binds({"LISTEN_FDS": "2", "LISTEN_PID": me}) == ["fd://3", "fd://4"]
     assert systemd_binds({"LISTEN_FDS": "2", "LISTEN_PID": "1"}) == []  # meant for pid 1
     assert systemd_binds({}) == []
+
+
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (systemd-socket-activate binds it itself)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def read_line_with(stream: Any, needle: str) -> str:
+    with gevent.Timeout(20, AssertionError(f"no line with {needle!r} within 20 s")):
+        while True:
+            line = stream.readline().decode()
+            assert line, f"end of output before a line with {needle!r}"
+            if needle in line:
+                return line
+
+
+@pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="systemd-socket-activate is not "
+                                                    "installed (apt-get install systemd)")
+@pytest.mark.no_leak_check  # the server runs in a child process
+@pytest.mark.timeout(30)
+def test_the_cli_under_the_real_systemd_socket_activate(tmp_path: Path) -> None:
+    # systemd's own tool binds a TCP and a unix socket, waits for the first client,
+    # then execs the command with them as fds 3 and 4 (LISTEN_FDS=2, LISTEN_PID).
+    port, path = free_port(), tmp_path / "activated.sock"
+    assert SOCKET_ACTIVATE is not None
+    proc = subprocess.Popen(
+        [SOCKET_ACTIVATE, "-l", f"127.0.0.1:{port}", "-l", str(path),
+         "-E", f"PYTHONPATH={subprocess_env()['PYTHONPATH']}",
+         sys.executable, "-m", "greenserve", "echo"],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_line_with(proc.stderr, f"Listening on {path} as ")
+        assert tcp_client(port, b"first") == b"first"  # the exec happens on this one
+        lines = [proc.stdout.readline().decode().strip() for _ in range(2)]
+        assert lines == [f"listening on tcp:127.0.0.1:{port}", f"listening on unix:{path}"]
+        hit_both(port, path)
+        proc.send_signal(signal.SIGTERM)  # same pid: the tool exec'd the command
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err.decode()
+        assert b"Traceback" not in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    assert path.exists()  # the tool's socket file: the CLI never unlinks it
