@@ -36,6 +36,7 @@ import socket as _stdsocket
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -49,7 +50,7 @@ from .address import Tcp, Unix, from_sockaddr
 from .errors import Cancelled, NetError, add_note
 from .switch import Switch
 
-__all__ = ["Acceptor", "check_connection_options", "check_limits"]
+__all__ = ["Acceptor", "ServerOptions", "check_connection_options", "check_limits"]
 
 _GONE = object()
 
@@ -110,6 +111,29 @@ class _RateLimitedLog:
         log.log(level, msg, *args, exc_info=exc_info)
 
 
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """What a face asks of the engine, checked once when made (before any socket is
+    created: a bad value raises ``TypeError``/``ValueError`` naming it)."""
+
+    max_connections: int | None = None
+    max_accepts_per_batch: int = 1
+    drop_incoming: bool = False
+    ssl_context: ssl.SSLContext | None = None
+    handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT
+    proxy_protocol: bool = False
+    idle_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        _checks.count("max_connections", self.max_connections, optional=True)
+        _checks.count("max_accepts_per_batch", self.max_accepts_per_batch)
+        _checks.flag("drop_incoming", self.drop_incoming)
+        _tls.check_context(self.ssl_context)
+        _checks.seconds("handshake_timeout", self.handshake_timeout)
+        _checks.flag("proxy_protocol", self.proxy_protocol)
+        _checks.seconds("idle_timeout", self.idle_timeout, optional=True)
+
+
 class Acceptor:
     """Accept on ``listeners`` and run ``handler(sock, peer)`` for each connection.
 
@@ -130,38 +154,25 @@ class Acceptor:
     closes the listening sockets on :meth:`close` only with ``close_listeners=True``.
     """
 
-    def __init__(
-        self,
-        listeners: Sequence[gsocket.socket],
-        handler: Handler,
-        *,
-        sw: Switch,
-        max_connections: int | None = None,
-        max_accepts_per_batch: int = 1,
-        drop_incoming: bool = False,
-        on_error: OnError | None = None,
-        spawn: Spawn | None = None,
-        name: str = "server",
-        ssl_context: ssl.SSLContext | None = None,
-        handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
-        proxy_protocol: bool = False,
-        idle_timeout: float | None = None,
-        on_fatal: Callable[[OSError], object] | None = None,
-    ) -> None:
-        check_limits(max_connections, max_accepts_per_batch)
-        check_connection_options(ssl_context, handshake_timeout, proxy_protocol, idle_timeout)
-        self.ssl_context = ssl_context
-        self.handshake_timeout = handshake_timeout
-        self.proxy_protocol = proxy_protocol
-        self.idle_timeout = idle_timeout
-        self._prepared = bool(ssl_context or proxy_protocol or idle_timeout)
+    def __init__(self, listeners: Sequence[gsocket.socket], handler: Handler,
+                 options: ServerOptions, *, sw: Switch, on_error: OnError | None = None,
+                 spawn: Spawn | None = None, name: str = "server",
+                 on_fatal: Callable[[OSError], object] | None = None) -> None:
+        self.options = options
+        self.ssl_context = options.ssl_context
+        self.handshake_timeout = options.handshake_timeout
+        self.proxy_protocol = options.proxy_protocol
+        self.idle_timeout = options.idle_timeout
+        self._prepared = bool(options.ssl_context or options.proxy_protocol
+                              or options.idle_timeout)
         self._wrapped: dict[gsocket.socket, Any] = {}  # accepted socket -> its TLS socket
         self._listeners = list(listeners)
         self._handler = handler
         self._sw = sw
-        self._limit = max_connections if max_connections is not None else float("inf")
-        self.max_accepts_per_batch = max_accepts_per_batch
-        self.drop_incoming = drop_incoming
+        limit = options.max_connections
+        self._limit = limit if limit is not None else float("inf")
+        self.max_accepts_per_batch = options.max_accepts_per_batch
+        self.drop_incoming = options.drop_incoming
         self._on_error = on_error if on_error is not None else self._log_handler_error
         self._on_fatal = on_fatal
         # Connection fibers are forked from the hub: they get a copy of the context of
@@ -172,6 +183,12 @@ class Acceptor:
         self._unserved_fn = self._unserved
         self._spawn = spawn
         self.name = name
+        self._init_watchers()
+        self._init_counters()
+        # The engine lives no longer than its owner: its watchers must not outlive it.
+        sw.on_release(functools.partial(self.close, close_listeners=False))
+
+    def _init_watchers(self) -> None:
         loop = gevent.get_hub().loop
         self._watchers = [loop.io(ls.fileno(), 1) for ls in self._listeners]
         # What the watcher callback gets per listener: the socket, its family (read once:
@@ -184,6 +201,8 @@ class Acceptor:
         self._accepting = False  # wanted by the face (start/stop_accepting)
         self._watching = False   # watchers really started
         self._closed = False
+
+    def _init_counters(self) -> None:
         self._conns: dict[gsocket.socket, Greenlet | None] = {}
         # Connections abort_connections() shut down: whatever their handler raises from
         # then on is the abort's doing (see _serve), not the handler's failure.
@@ -195,8 +214,6 @@ class Acceptor:
         self.idle = Event()  # set while no connection is active
         self.idle.set()
         self._log = _RateLimitedLog()
-        # The engine lives no longer than its owner: its watchers must not outlive it.
-        sw.on_release(functools.partial(self.close, close_listeners=False))
 
     # -- control -----------------------------------------------------------------------
 
@@ -574,19 +591,10 @@ def _is_socket_timeout(exc: Exception) -> bool:
                                                                    _tls.HandshakeTimeout))
 
 
-def check_limits(max_connections: int | None, max_accepts_per_batch: int) -> None:
+def check_limits(max_connections: object, max_accepts_per_batch: object) -> None:
     """Validate the engine's tunables (faces call it before creating any socket)."""
-    if max_connections is not None:
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-            raise TypeError(f"max_connections must be an int or None, not "
-                            f"{type(max_connections).__name__}")
-        if max_connections <= 0:
-            raise ValueError(f"max_connections must be > 0, not {max_connections}")
-    if isinstance(max_accepts_per_batch, bool) or not isinstance(max_accepts_per_batch, int):
-        raise TypeError(f"max_accepts_per_batch must be an int, not "
-                        f"{type(max_accepts_per_batch).__name__}")
-    if max_accepts_per_batch <= 0:
-        raise ValueError(f"max_accepts_per_batch must be > 0, not {max_accepts_per_batch}")
+    _checks.count("max_connections", max_connections, optional=True)
+    _checks.count("max_accepts_per_batch", max_accepts_per_batch)
 
 
 def check_connection_options(ssl_context: object, handshake_timeout: object,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import overload
 
-__all__ = ["flag", "seconds"]
+__all__ = ["count", "flag", "seconds"]
 
 
 @overload
@@ -37,4 +37,16 @@ def flag(name: str, value: object) -> bool:
     """A yes/no option: exactly ``True`` or ``False``."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+    return value
+
+
+def count(name: str, value: object, *, optional: bool = False, minimum: int = 1) -> int | None:
+    """A whole number ``>= minimum`` (``None`` too when ``optional``); not a ``bool``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {kind}, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {value}")
     return value

@@ -19,6 +19,7 @@ release changes it:
 from __future__ import annotations
 
 import _socket
+import errno
 import socket as _stdsocket
 import ssl
 from typing import Any
@@ -27,7 +28,8 @@ from gevent import socket as gsocket
 from gevent import ssl as gssl
 
 __all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "holds", "kernel_shutdown", "peer_gone",
-           "raw_socket", "tls_send_nowait", "tls_wrap", "wait_readable"]
+           "raw_send", "raw_socket", "receive", "tls_send_nowait", "tls_wrap",
+           "wait_readable"]
 
 # libev's event masks (a watcher's ``events`` may carry flags of libev's own above them).
 READ = 1
@@ -49,20 +51,24 @@ def holds(sock: Any, raw: _socket.socket) -> bool:
     return sock._sock is raw
 
 
-def kernel_shutdown(sock: Any, how: int = _stdsocket.SHUT_RDWR) -> None:
+def kernel_shutdown(sock: Any, how: int = _stdsocket.SHUT_RDWR, *, quiet: bool = True) -> None:
     """``shutdown(2)`` on a gevent socket, bypassing gevent's ``shutdown``.
 
     gevent's throws ``EBADF`` into a greenlet blocked on the socket; the kernel's makes
     a blocked ``recv`` return end of file and a blocked ``send`` fail with ``EPIPE``.
     A closed or detached socket (its fd now belongs to a TLS wrapper) is left alone.
+    ``quiet``: ignore errors (never connected, the peer gone already); else raise them.
     """
     raw = raw_socket(sock)
     if raw is None:
-        return
+        if quiet:
+            return
+        raise OSError(errno.EBADF, "Bad file descriptor")
     try:
         raw.shutdown(how)
     except OSError:
-        pass  # never connected, or the peer is gone already: nothing to shut
+        if not quiet:
+            raise
 
 
 def peer_gone(sock: Any) -> bool:
@@ -78,6 +84,34 @@ def peer_gone(sock: Any) -> bool:
         return False  # alive, nothing to read
     except OSError:
         return True   # ECONNRESET, ENOTCONN, EPIPE: the connection is broken
+
+
+def receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> Any:
+    """Call the raw ``recv``/``recv_into`` (``method``) of a plain gevent socket.
+
+    The one read path of :class:`Flow` and :class:`~greenserve.stream.Reader`: the
+    non-blocking call on the raw socket, waiting for readability (with the socket's
+    timeout, as gevent's own ``recv`` does) only when it would block, or first when
+    ``wait_first``: after a read that came back short the kernel buffer is almost surely
+    empty, and a ``recv`` would only fail with ``EAGAIN`` (one syscall per round trip).
+    Never for TLS sockets: their SSL object can hold decrypted bytes while the kernel's
+    buffer is empty.
+    """
+    if wait_first:
+        sock._wait(sock._read_event)
+    while True:
+        try:
+            return getattr(sock._sock, method)(arg)
+        except BlockingIOError:
+            if sock.timeout == 0.0:
+                raise  # a non-blocking socket: gevent's recv raises too
+        sock._wait(sock._read_event)
+
+
+def raw_send(sock: gsocket.socket, data: Any) -> int:
+    """One non-blocking ``send`` on the stdlib socket under a plain gevent socket
+    (``BlockingIOError`` when the kernel takes nothing; ``EBADF`` once closed)."""
+    return sock._sock.send(data)
 
 
 def wait_readable(sock: gsocket.socket) -> None:

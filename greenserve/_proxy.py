@@ -357,9 +357,10 @@ def _v2_addresses(
 def _unix(raw: bytes) -> Unix:
     """A 108-byte NUL-padded v2 UNIX path as an address.
 
-    A path ends at its first NUL; an abstract name (leading NUL) runs up to the trailing
-    NUL padding; all NULs is an unnamed socket. Raises ProxyProtocolError: a path the
-    address type rejects (e.g. 108 bytes without a terminating NUL).
+    A path ends at its first NUL (all 108 bytes without one are a path too, as Linux
+    allows); an abstract name (leading NUL) runs up to the trailing NUL padding; all
+    NULs is an unnamed socket. Any such name is an address (bytes where it is not
+    UTF-8). Raises ProxyProtocolError should the address type still reject one.
     """
     name = raw.rstrip(b"\0") if raw[:1] == b"\0" else raw.split(b"\0", 1)[0]
     try:

@@ -15,8 +15,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Literal, Union, overload
 
-__all__ = ["Address", "Fd", "StreamAddress", "Tcp", "Udp", "Unix", "from_sockaddr",
-           "parse_address"]
+__all__ = ["Address", "Fd", "StreamAddress", "Tcp", "Udp", "Unix", "as_accepted",
+           "from_sockaddr", "parse_address"]
 
 _set_field = object.__setattr__  # how a frozen dataclass sets its own fields
 
@@ -349,3 +349,16 @@ def from_sockaddr(family: int, sockaddr: Any, *, datagram: bool = False) -> Tcp 
     _set_field(address, "port", sockaddr[1])
     return address
 
+
+def as_accepted(peer: Tcp | Unix) -> Any:
+    """The peer as the ``socket`` module's ``accept()`` returns it (what gevent and
+    gunicorn handlers expect): ``(host, port)``, ``(host, port, 0, 0)`` for IPv6; a unix
+    path as ``str`` (undecodable bytes surrogate-escaped), an abstract name as ``bytes``,
+    ``""`` for an unnamed peer."""
+    if isinstance(peer, Tcp):
+        return (peer.host, peer.port, 0, 0) if ":" in peer.host else (peer.host, peer.port)
+    path = peer.path
+    raw = path if isinstance(path, bytes) else path.encode("utf-8", "surrogateescape")
+    if raw[:1] == b"\0":
+        return raw
+    return raw.decode("utf-8", "surrogateescape")

@@ -8,16 +8,14 @@ when the switch finishes, and closing it earlier detaches it.
 
 from __future__ import annotations
 
-import _socket
 import errno
-import os
 import socket as _stdsocket
-import stat
 from types import TracebackType
 from typing import Any
 
 from gevent import socket as gsocket
 
+from . import _bind, _gevent
 from .address import Address, Fd, Tcp, Udp, Unix, from_sockaddr
 from .errors import reraise
 from .switch import ReleaseHook, Switch
@@ -32,38 +30,12 @@ _SHUTDOWN = {"send": _stdsocket.SHUT_WR, "receive": _stdsocket.SHUT_RD,
 DEFAULT_READ_SIZE = 65536
 
 
-def _receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> Any:
-    """Call the raw ``recv``/``recv_into`` (``method``) of a plain gevent socket.
-
-    The one read path of :class:`Flow` and :class:`~greenserve.stream.Reader`: the
-    non-blocking call on the raw socket, waiting for readability (with the socket's
-    timeout, as gevent's own ``recv`` does) only when it would block, or first when
-    ``wait_first``: after a read that came back short the kernel buffer is almost surely
-    empty, and a ``recv`` would only fail with ``EAGAIN`` (one syscall per round trip).
-    Never for TLS sockets: their SSL object can hold decrypted bytes while the kernel's
-    buffer is empty.
-    """
-    if wait_first:
-        sock._wait(sock._read_event)
-    while True:
-        try:
-            return getattr(sock._sock, method)(arg)
-        except BlockingIOError:
-            if sock.timeout == 0.0:
-                raise  # a non-blocking socket: gevent's recv raises too
-        sock._wait(sock._read_event)
-
-
-# (path, pid, st_dev, st_ino) of a unix socket file this process bound
-_Bound = tuple[str | bytes, int, int, int]
-
-
 class _Owned:
     """Close-once and switch-ownership bookkeeping shared by the socket wrappers."""
 
     __slots__ = ("_closed", "_hook", "_sock", "_unlink")
 
-    def __init__(self, sock: gsocket.socket, unlink: _Bound | None = None) -> None:
+    def __init__(self, sock: gsocket.socket, unlink: _bind.Bound | None = None) -> None:
         self._sock = sock
         self._hook: ReleaseHook | None = None
         self._closed = False
@@ -95,7 +67,7 @@ class _Owned:
             self._hook = None
         self._sock.close()
         if self._unlink is not None:
-            _unlink_if_ours(*self._unlink)
+            _bind.unlink_if_ours(*self._unlink)
             self._unlink = None
 
     def __enter__(self) -> Any:
@@ -157,7 +129,7 @@ class Flow(_Owned):
         """Read up to ``max_bytes``; ``b""`` at end of file."""
         try:
             if self._plain:
-                data: bytes = _receive(self._sock, "recv", max_bytes, self._drained)
+                data: bytes = _gevent.receive(self._sock, "recv", max_bytes, self._drained)
             else:
                 data = self._sock.recv(max_bytes)
         except OSError as exc:
@@ -169,7 +141,7 @@ class Flow(_Owned):
         """Read into ``buffer`` (a writable buffer); return the count, 0 at end of file."""
         try:
             if self._plain:
-                n: int = _receive(self._sock, "recv_into", buffer, self._drained)
+                n: int = _gevent.receive(self._sock, "recv_into", buffer, self._drained)
             else:
                 n = self._sock.recv_into(buffer)
         except OSError as exc:
@@ -184,7 +156,7 @@ class Flow(_Owned):
             # One raw send first: the kernel almost always takes a whole reply at once,
             # and gevent's sendall adds three Python calls and a memoryview to that.
             try:
-                sent = sock._sock.send(data)
+                sent = _gevent.raw_send(sock, data)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
@@ -206,7 +178,7 @@ class Flow(_Owned):
         try:
             # The kernel's shutdown, not gevent's (which throws EBADF into any greenlet
             # blocked on the socket): a reader blocked in another greenlet sees end of file.
-            _socket.socket.shutdown(self._sock._sock, flag)
+            _gevent.kernel_shutdown(self._sock, flag, quiet=False)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:  # the peer already went away: nothing to shut
                 reraise(exc)
@@ -222,7 +194,7 @@ class ListeningSocket(_Owned):
     __slots__ = ("__weakref__", "_address")
 
     def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None,
-                 unlink: _Bound | None = None) -> None:
+                 unlink: _bind.Bound | None = None) -> None:
         super().__init__(sock, unlink)
         self._address = from_sockaddr(sock.family, sock.getsockname())
         self._own(sw)
@@ -255,7 +227,7 @@ class DatagramSocket(_Owned):
     __slots__ = ("__weakref__",)
 
     def __init__(self, sock: gsocket.socket, *, sw: Switch | None = None,
-                 unlink: _Bound | None = None) -> None:
+                 unlink: _bind.Bound | None = None) -> None:
         super().__init__(sock, unlink)
         self._own(sw)
 
@@ -296,82 +268,6 @@ class DatagramSocket(_Owned):
 # -- creating listening sockets ------------------------------------------------------------
 
 
-def _unlink_if_ours(path: str | bytes, pid: int, dev: int, ino: int) -> None:
-    if os.getpid() != pid:
-        return  # a forked child shares the socket but does not own the path
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
-        os.unlink(path)
-
-
-def _remove_stale_socket(path: str | bytes) -> None:
-    """Remove the socket file at ``path`` if it is stale (no socket is bound to it).
-
-    Anything else is left alone: a file that is not a socket (``FileExistsError``),
-    and a socket file some socket is still bound to, listening or not (``EADDRINUSE``,
-    as ``SO_REUSEADDR`` never takes a TCP port from a server either).
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST,
-                              f"{_shown(path)} exists and is not a socket: not removed")
-    if _socket_bound(path):
-        raise OSError(errno.EADDRINUSE, f"{_shown(path)} is a socket in use: not removed")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass  # someone else removed it meanwhile: the path is free all the same
-
-
-def _socket_bound(path: str | bytes) -> bool:
-    """Whether some socket is bound to the socket file ``path``, listening or not.
-
-    Asked of the kernel with a datagram probe: ``connect`` finds the socket bound to
-    the file's inode (in any network namespace: the file is the rendezvous) and fails
-    with ``ECONNREFUSED`` only when there is none. A bound stream or seqpacket socket,
-    listening or not, gives ``EPROTOTYPE`` (another socket type); a bound datagram
-    socket takes the probe, or ``EPERM`` when it is connected elsewhere. (A stream probe
-    gets ``ECONNREFUSED`` from a socket that is bound but not listening yet too, and a
-    listener would see the probe as a connection.) Any other failure (``EACCES``) says
-    nothing about the socket: it counts as bound, so the file is kept.
-
-    /proc/net/unix cannot answer this: it lists the path each socket was bound *with*
-    (relative, or through another directory name), unescaped (a newline in a name
-    splits its line), and only this network namespace's sockets.
-    """
-    probe = _socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_DGRAM)
-    try:
-        probe.connect(path)  # a datagram connect never blocks: it only looks up the peer
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True
-    finally:
-        probe.close()
-    return True
-
-
-def _shown(path: str | bytes) -> str:
-    return path if isinstance(path, str) else repr(path)
-
-
-def _bind_unix(sock: gsocket.socket, addr: Unix, reuse_addr: bool) -> _Bound | None:
-    if addr.abstract:
-        sock.bind(addr.path)
-        return None
-    if reuse_addr:
-        _remove_stale_socket(addr.path)
-    sock.bind(addr.path)
-    st = os.lstat(addr.path)
-    return (addr.path, os.getpid(), st.st_dev, st.st_ino)
-
-
 def _inherited(fd: int) -> gsocket.socket:
     sock = gsocket.socket(fileno=fd)
     if sock.type != _stdsocket.SOCK_STREAM or not sock.getsockopt(
@@ -407,7 +303,7 @@ def open_listener(addr: Address, *, backlog: int, reuse_addr: bool = False,
         raise ValueError(f"cannot listen on {addr}: a stream address (tcp/unix/fd) is needed")
     sock = gsocket.socket(addr.family, _stdsocket.SOCK_STREAM)
     try:
-        unlink = _configure_and_bind(sock, addr, reuse_addr, reuse_port)
+        unlink = _bind.bind(sock, addr, reuse_addr, reuse_port)
         if isinstance(addr, Tcp):
             # Accepted sockets inherit it (Linux): the engine then needs no setsockopt
             # per connection.
@@ -420,15 +316,3 @@ def open_listener(addr: Address, *, backlog: int, reuse_addr: bool = False,
         sock.close()
         raise
     return ListeningSocket(sock, sw=sw, unlink=unlink)
-
-
-def _configure_and_bind(sock: gsocket.socket, addr: Tcp | Unix, reuse_addr: bool,
-                        reuse_port: bool) -> _Bound | None:
-    if isinstance(addr, Unix):
-        return _bind_unix(sock, addr, reuse_addr)
-    if reuse_addr:
-        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEPORT, 1)
-    sock.bind(addr.sockaddr)
-    return None

@@ -51,8 +51,8 @@ from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers import base
 from gunicorn.workers.base_async import AsyncWorker
 
-from ._acceptor import Acceptor
-from .address import Tcp, Unix
+from ._acceptor import Acceptor, ServerOptions
+from .address import Tcp, Unix, as_accepted
 from .flow import Flow
 from .switch import Switch
 
@@ -193,12 +193,12 @@ class _EngineWorker(base.Worker):  # type: ignore[misc]  # gunicorn is untyped
     # -- serving and stopping ------------------------------------------------------------------
 
     def _make_acceptor(self, sw: Switch) -> Acceptor:
-        return Acceptor(
-            self.sockets, self._serve_connection, sw=sw,
+        options = ServerOptions(
             max_connections=self.worker_connections,
             max_accepts_per_batch=1 if self.cfg.workers > 1 else MAX_ACCEPT,
-            on_error=self._connection_failed, name=f"gunicorn worker {self.pid}",
             ssl_context=gunicorn_ssl_context(self.cfg) if self.cfg.is_ssl else None)
+        return Acceptor(self.sockets, self._serve_connection, options, sw=sw,
+                        on_error=self._connection_failed, name=f"gunicorn worker {self.pid}")
 
     def _serve_connection(self, conn: Any, peer: Tcp | Unix) -> None:
         raise NotImplementedError
@@ -446,6 +446,4 @@ def _listener_names(sockets: list[Any]) -> dict[Any, Any]:
 
 def _accept_address(peer: Tcp | Unix) -> Any:
     """The peer as ``accept()`` gives it, which is what gunicorn's handler expects."""
-    if isinstance(peer, Unix):
-        return peer.path
-    return (peer.host, peer.port)
+    return as_accepted(peer)

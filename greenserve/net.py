@@ -24,14 +24,14 @@ import gevent.os
 from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
-from . import _checks, _connect, _tls
-from ._acceptor import Acceptor, check_connection_options, check_limits
+from . import _bind, _checks, _connect, _tls
+from ._acceptor import Acceptor, ServerOptions, check_connection_options, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
     add_note,
     reraise,
 )
-from .flow import DatagramSocket, Flow, ListeningSocket, _remove_stale_socket, open_listener
+from .flow import DatagramSocket, Flow, ListeningSocket, open_listener
 from .switch import Switch
 
 __all__ = [
@@ -225,7 +225,7 @@ def _check_listeners(listeners: object) -> None:
 
 def _check_serving(handler: object, on_error: object, max_connections: object,
                    additional_processes: object, stop: object, abort: object) -> None:
-    check_limits(max_connections, 1)  # type: ignore[arg-type]
+    check_limits(max_connections, 1)
     if isinstance(additional_processes, bool) or not isinstance(additional_processes, int):
         raise TypeError(f"additional_processes must be an int, not "
                         f"{type(additional_processes).__name__}")
@@ -284,10 +284,10 @@ def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], obje
     name = f"run_server {' '.join(str(ls.address) for ls in listeners)}"
     broken: AsyncResult = AsyncResult()  # fails if a listening socket breaks
     with Switch(name=name) as sw:
-        acceptor = Acceptor([ls.socket for ls in listeners], serve_one, sw=sw,
-                            max_connections=max_connections,
+        acceptor = Acceptor([ls.socket for ls in listeners], serve_one,
+                            ServerOptions(max_connections=max_connections, **options), sw=sw,
                             on_error=lambda exc, peer: on_error(exc), name=name,
-                            on_fatal=broken.set_exception, **options)
+                            on_fatal=broken.set_exception)
         acceptor.start_accepting()
         try:
             result = _wait_for_stop(stop, broken, abort)
@@ -468,7 +468,7 @@ def datagram_socket(addr: object, *, sw: Switch, reuse_addr: bool = False,
         raise ValueError(f"datagram_socket needs a udp: or unix: address, not {target}")
     sock = gsocket.socket(target.family, _stdsocket.SOCK_DGRAM)
     try:
-        unlink = _bind_datagram(sock, target, reuse_addr, reuse_port)
+        unlink = _bind.bind(sock, target, reuse_addr, reuse_port)
     except OSError as exc:
         sock.close()
         reraise(exc, f"binding {target}")
@@ -476,24 +476,6 @@ def datagram_socket(addr: object, *, sw: Switch, reuse_addr: bool = False,
         sock.close()
         raise
     return DatagramSocket(sock, sw=sw, unlink=unlink)
-
-
-def _bind_datagram(sock: gsocket.socket, target: Udp | Unix, reuse_addr: bool,
-                   reuse_port: bool) -> tuple[str, int, int, int] | None:
-    if isinstance(target, Unix):
-        if reuse_addr and not target.abstract:
-            _remove_stale_socket(target.path)
-        sock.bind(target.path)
-        if target.abstract:
-            return None
-        st = os.lstat(target.path)
-        return (target.path, os.getpid(), st.st_dev, st.st_ino)
-    if reuse_addr:
-        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEPORT, 1)
-    sock.bind(target.sockaddr)
-    return None
 
 
 def send(sock: DatagramSocket, addr: Udp | Unix, data: bytes | bytearray | memoryview) -> None:

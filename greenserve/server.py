@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket as _stdsocket
 import ssl
 import weakref
@@ -45,9 +44,9 @@ from gevent.baseserver import parse_address as _gevent_parse_address
 from gevent.event import Event
 from gevent.pool import Group, Pool
 
-from . import _acceptor, _tls
-from ._acceptor import Acceptor, check_connection_options, check_limits
-from .address import Fd, Tcp, Unix, parse_address
+from . import _acceptor, _bind, _tls
+from ._acceptor import Acceptor, ServerOptions, check_connection_options, check_limits
+from .address import Fd, Tcp, Unix, as_accepted, parse_address
 from .errors import add_note
 from .flow import ListeningSocket, open_listener
 from .switch import Switch
@@ -233,8 +232,7 @@ class StreamServer:
         unlink = None
         if sock.family == _stdsocket.AF_UNIX and isinstance(self.address, str) \
                 and not self.address.startswith("\0"):
-            st = os.lstat(self.address)
-            unlink = (self.address, os.getpid(), st.st_dev, st.st_ino)
+            unlink = _bind.bound_record(self.address)
         self._adopt(sock, unlink)
 
     @classmethod
@@ -256,7 +254,7 @@ class StreamServer:
             lsock.socket.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 0)
         return lsock.socket
 
-    def _adopt(self, sock: gsocket.socket, unlink: tuple[str, int, int, int] | None) -> None:
+    def _adopt(self, sock: gsocket.socket, unlink: _bind.Bound | None) -> None:
         self._listening = ListeningSocket(sock, unlink=unlink)
         self.socket = sock
         self.family = sock.family
@@ -384,7 +382,7 @@ class StreamServer:
     def stats(self) -> dict[str, int]:
         """A copy of the engine's counters for the current (or last) run:
         ``accepted``, ``active``, ``dropped``, ``handler_errors``, ``accept_errors``,
-        ``peak_active``, ``handshake_errors``, ``idle_timeouts``."""
+        ``peak_active``, ``handshake_errors``, ``idle_timeouts``, ``peer_gone``."""
         if self._run is None:
             return dict.fromkeys(_STATS_KEYS, 0)
         return dict(self._run.acceptor.stats)
@@ -427,6 +425,10 @@ class StreamServer:
         try:
             handle(conn, address)
         except BaseException as exc:
+            run = self._run
+            if isinstance(exc, Exception) and run is not None \
+                    and run.acceptor.peer_left(conn, peer, exc):
+                return  # asked before do_close closes the socket the engine checks with
             if isinstance(exc, (Exception, GreenletExit)):
                 raise  # the engine reports errors; a cancellation just ends the fiber
             # SystemExit, KeyboardInterrupt: to the hub, as from any gevent greenlet
@@ -583,13 +585,14 @@ class _Run:
         # gevent's TLS hooks customised: the handshake happens in _handle, not the engine.
         self.engine_tls = not server._gevent_tls_hooks()
         handler = server._serve_connection if self.engine_tls else server._serve_connection_gevent
-        self.acceptor = Acceptor(
-            [sock], handler, sw=self.switch,
+        options = ServerOptions(
             max_connections=limit, max_accepts_per_batch=server.max_accept,
-            on_error=server._report_handler_error, spawn=server._engine_spawn(), name=name,
             ssl_context=server.ssl_context if self.engine_tls else None,
             handshake_timeout=server.handshake_timeout,
-            proxy_protocol=server.proxy_protocol, idle_timeout=server.idle_timeout,
+            proxy_protocol=server.proxy_protocol, idle_timeout=server.idle_timeout)
+        self.acceptor = Acceptor(
+            [sock], handler, options, sw=self.switch,
+            on_error=server._report_handler_error, spawn=server._engine_spawn(), name=name,
             # As gevent's server does: a broken listening socket closes the server, so
             # serve_forever() returns (after stop()).
             on_fatal=lambda exc: server.close())
@@ -720,11 +723,7 @@ def _parse_listener(listener: Any) -> tuple[int | None, Any]:
 
 def _gevent_address(peer: Tcp | Unix) -> Any:
     """The peer as ``accept()`` gives it to gevent handlers."""
-    if isinstance(peer, Unix):
-        return peer.path
-    if ":" in peer.host:
-        return (peer.host, peer.port, 0, 0)
-    return (peer.host, peer.port)
+    return as_accepted(peer)
 
 
 def _tls_from_ssl_args(ssl_args: dict[str, Any]

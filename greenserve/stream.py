@@ -49,7 +49,7 @@ from .errors import (
     WriterBufferAgeExceeded,
     translate,
 )
-from .flow import DEFAULT_READ_SIZE, _receive
+from .flow import DEFAULT_READ_SIZE
 
 __all__ = [
     "CLOSE_FLUSH_TIMEOUT",
@@ -285,7 +285,7 @@ class Reader:
     def _recv(self, size: int) -> bytes:
         try:
             if self._plain:
-                data: bytes = _receive(self._sock, "recv", size, self._drained)
+                data: bytes = _gevent.receive(self._sock, "recv", size, self._drained)
             else:
                 data = self._sock.recv(size)
         except OSError as exc:

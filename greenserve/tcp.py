@@ -43,8 +43,8 @@ from gevent import GreenletExit, getcurrent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from . import _checks, _connect, _tls
-from ._acceptor import Acceptor, check_connection_options, check_limits
+from . import _bind, _checks, _connect, _tls
+from ._acceptor import Acceptor, ServerOptions, check_connection_options, check_limits
 from .address import Fd, Tcp, Unix, parse_address
 from .errors import (
     ConnectInterrupted,
@@ -52,7 +52,7 @@ from .errors import (
     WriterBufferAgeExceeded,
     add_note,
 )
-from .flow import ListeningSocket, _configure_and_bind, open_listener
+from .flow import ListeningSocket, open_listener
 from .stream import DEFAULT_BUFFER_AGE_LIMIT, Reader, Writer
 from .switch import Switch
 
@@ -292,10 +292,11 @@ class Server:
         self._own_switch = sw is None
         self._sw = Switch._detached(f"tcp.Server {lsock.address}") if sw is None else sw
         serve = self._serve_streams if kind == "create" else self._serve_sock
+        options = ServerOptions(max_connections=max_connections, max_accepts_per_batch=batch,
+                                drop_incoming=drop, **engine)
         self._acceptor = Acceptor(
-            [lsock.socket], serve, sw=self._sw, max_connections=max_connections,
-            max_accepts_per_batch=batch, drop_incoming=drop, on_error=self._handler_failed,
-            name=f"tcp.Server {lsock.address}", on_fatal=self._listener_failed, **engine)
+            [lsock.socket], serve, options, sw=self._sw, on_error=self._handler_failed,
+            name=f"tcp.Server {lsock.address}", on_fatal=self._listener_failed)
         try:
             if sw is not None:
                 sw.fork(self._keep)
@@ -531,7 +532,8 @@ class Server:
 
     def stats(self) -> dict[str, int]:
         """Counters: ``accepted``, ``active``, ``dropped``, ``handler_errors``,
-        ``accept_errors``, ``peak_active``, ``handshake_errors``, ``idle_timeouts``."""
+        ``accept_errors``, ``peak_active``, ``handshake_errors``, ``idle_timeouts``,
+        ``peer_gone``."""
         return dict(self._acceptor.stats)
 
     def invariant(self) -> None:
@@ -600,7 +602,7 @@ def _listen(addr: ListenAddress, backlog: int, sock: gsocket.socket | None) -> L
     unlink = None
     if not _is_bound(sock):
         try:
-            unlink = _configure_and_bind(sock, addr, reuse_addr=False, reuse_port=False)
+            unlink = _bind.bind(sock, addr, reuse_addr=False, reuse_port=False)
         except OSError as exc:
             add_note(exc, f"binding the supplied socket to {addr}")
             raise

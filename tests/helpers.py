@@ -6,6 +6,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from gevent import socket as gsocket
 
@@ -51,3 +52,16 @@ def closed_by_server(sock: gsocket.socket) -> bool:
     except ConnectionResetError:
         pass
     return True
+
+
+def make_acceptor(listeners: list[Any], handler: Any, *, sw: Switch, **kw: Any) -> Any:
+    """An engine over ``listeners``: keyword arguments that are server options (limits,
+    TLS, PROXY, idle timeout) go into its ``ServerOptions``, the rest to ``Acceptor``."""
+    from dataclasses import fields
+
+    from greenserve._acceptor import Acceptor, ServerOptions
+
+    names = {f.name for f in fields(ServerOptions)}
+    options = ServerOptions(**{k: v for k, v in kw.items() if k in names})
+    rest = {k: v for k, v in kw.items() if k not in names}
+    return Acceptor(listeners, handler, options, sw=sw, **rest)

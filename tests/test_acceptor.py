@@ -20,7 +20,7 @@ from greenserve import Cancelled, ConnectTimeout, Switch, Tcp, Unix
 from greenserve._acceptor import MAX_BACKOFF, Acceptor
 from greenserve.flow import open_listener
 
-from .helpers import client, closed_by_server, recv_all
+from .helpers import client, closed_by_server, make_acceptor, recv_all
 
 
 def echo(sock: gsocket.socket, peer: Any) -> None:
@@ -33,7 +33,7 @@ def serving(handler: Callable[[Any, Any], None] = echo, *, start: bool = True,
             **kw: Any) -> Iterator[tuple[Acceptor, int]]:
     with Switch() as sw:
         lsock = open_listener(Tcp("127.0.0.1", 0), backlog=128, sw=sw)
-        acc = Acceptor([lsock.socket], handler, sw=sw, **kw)
+        acc = make_acceptor([lsock.socket], handler, sw=sw, **kw)
         if start:
             acc.start_accepting()
         try:
@@ -227,7 +227,7 @@ def test_bad_arguments_name_the_argument() -> None:
                           ({"ssl_context": "yes"}, "ssl_context"),
                           ({"proxy_protocol": 1}, "proxy_protocol")]:
             with pytest.raises((TypeError, ValueError), match=match):
-                Acceptor([], echo, sw=sw, **kw)
+                make_acceptor([], echo, sw=sw, **kw)
 
 
 # -- TLS ---------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_accepted_tcp_sockets_have_nodelay(family: int, listener_has_it: bool) -
             lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         lsock.bind((host, 0))
         lsock.listen(16)
-        acc = Acceptor([lsock], handler, sw=sw)
+        acc = make_acceptor([lsock], handler, sw=sw)
         assert acc._accept_args[0][2] is (not listener_has_it)
         acc.start_accepting()
         try:
@@ -385,7 +385,7 @@ def test_our_tcp_listeners_have_nodelay_and_unix_ones_need_none(tmp_path: Any) -
         tcp_l = open_listener(Tcp("127.0.0.1", 0), backlog=8, sw=sw)
         unix_l = open_listener(Unix(str(tmp_path / "s")), backlog=8, sw=sw)
         assert tcp_l.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        acc = Acceptor([tcp_l.socket, unix_l.socket], echo, sw=sw)
+        acc = make_acceptor([tcp_l.socket, unix_l.socket], echo, sw=sw)
         # no setsockopt per connection on either
         assert [nodelay for _, _, nodelay in acc._accept_args] == [False, False]
         acc.close(close_listeners=False)

@@ -161,3 +161,35 @@ def test_peer_gone_sees_end_of_file_and_resets_but_not_a_live_peer() -> None:
     assert _gevent.peer_gone(a)      # then end of file
     a.close()
     assert not _gevent.peer_gone(a)  # closed: nothing to ask
+
+
+def test_receive_waits_for_readability_and_raw_send_never_waits() -> None:
+    a, b = gsocket.socketpair()
+    try:
+        reader = gevent.spawn(_gevent.receive, a, "recv", 10, True)
+        gevent.sleep(0)
+        assert not reader.dead  # waiting for readability, not failing with EAGAIN
+        assert _gevent.raw_send(b, b"ping") == 4
+        assert reader.get(timeout=5) == b"ping"
+        buf = bytearray(4)
+        b.sendall(b"pong")
+        assert _gevent.receive(a, "recv_into", buf, False) == 4 and buf == b"pong"
+        with pytest.raises(BlockingIOError):
+            while True:  # nobody reads b's peer: the kernel fills up, never a wait
+                _gevent.raw_send(b, b"x" * 65536)
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(OSError) as info:
+        _gevent.raw_send(b, b"late")
+    assert info.value.errno == errno.EBADF
+
+
+def test_kernel_shutdown_raises_when_asked_to() -> None:
+    a, b = gsocket.socketpair()
+    a.close()
+    b.close()
+    _gevent.kernel_shutdown(a)  # quiet: nothing to do
+    with pytest.raises(OSError) as info:
+        _gevent.kernel_shutdown(a, quiet=False)
+    assert info.value.errno == errno.EBADF

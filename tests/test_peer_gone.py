@@ -19,7 +19,7 @@ from greenserve import Switch, Tcp, net, tcp
 from greenserve._acceptor import Acceptor
 from greenserve.flow import open_listener
 
-from .helpers import reset
+from .helpers import make_acceptor, reset
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -29,7 +29,7 @@ def engine(handler: Callable[[Any, Any], None], errors: list[BaseException]
            ) -> Iterator[tuple[Acceptor, int]]:
     with Switch() as sw:
         lsock = open_listener(Tcp("127.0.0.1", 0), backlog=16, sw=sw)
-        acc = Acceptor([lsock.socket], handler, sw=sw,
+        acc = make_acceptor([lsock.socket], handler, sw=sw,
                        on_error=lambda exc, peer: errors.append(exc))
         acc.start_accepting()
         try:
@@ -41,7 +41,7 @@ def engine(handler: Callable[[Any, Any], None], errors: list[BaseException]
 def _reset_after_hello(port: int, hello: Event) -> str:
     """Connect, send a line, wait until the server read it, reset; the client's address."""
     c = gsocket.create_connection(("127.0.0.1", port), timeout=5)
-    name = "tcp:127.0.0.1:%d" % c.getsockname()[1]
+    name = f"tcp:127.0.0.1:{c.getsockname()[1]}"
     c.sendall(b"hello\n")
     assert hello.wait(5)
     reset(c)

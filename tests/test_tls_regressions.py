@@ -19,7 +19,7 @@ from greenserve import Switch, Tcp, tcp
 from greenserve._acceptor import Acceptor
 from greenserve.flow import open_listener
 
-from .helpers import recv_all
+from .helpers import make_acceptor, recv_all
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -117,7 +117,8 @@ def _tls_acceptor(certs: Any, sw: Switch, **kw: Any) -> Iterator[tuple[Acceptor,
     def handler(sock: Any, peer: Any) -> None:
         called.set()
 
-    acc = Acceptor([lsock.socket], handler, sw=sw, ssl_context=certs.server_context(), **kw)
+    acc = make_acceptor([lsock.socket], handler, sw=sw, ssl_context=certs.server_context(),
+                        **kw)
     acc.start_accepting()
     yield acc, lsock.address.port
     assert not called.is_set()  # nobody finished a handshake

@@ -20,9 +20,10 @@ from gevent import socket as gsocket
 from gevent.event import Event
 
 from greenserve import Switch, Tcp, net, tcp
-from greenserve._acceptor import Acceptor
 from greenserve.flow import open_listener
 from greenserve.server import StreamServer
+
+from ..helpers import make_acceptor
 
 ROOT = Path(__file__).parent.parent.parent
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -162,7 +163,7 @@ def engine(handler: Callable[[Any, Any], object], **kw: Any) -> Iterator[Served]
     kw.setdefault("on_error", lambda exc, peer: errors.append((exc, peer)))
     with Switch(name="stress engine") as sw:
         lsock = open_listener(Tcp("127.0.0.1", 0), backlog=BACKLOG, sw=sw)
-        acc = Acceptor([lsock.socket], handler, sw=sw, name="stress engine", **kw)
+        acc = make_acceptor([lsock.socket], handler, sw=sw, name="stress engine", **kw)
         acc.start_accepting()
         try:
             yield Served(lsock.address.port, lambda: dict(acc.stats), lambda: acc.active,

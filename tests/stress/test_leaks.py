@@ -23,7 +23,7 @@ import gevent.pool
 import pytest
 from gevent.event import Event
 
-from greenserve import ConnectionReset, Switch, Tcp, net
+from greenserve import Switch, Tcp, net
 from greenserve.flow import Flow
 
 from .support import BACKLOG, Footprint, Gauge, connect, open_fds, recv_exactly, wait_until
@@ -173,8 +173,9 @@ def test_no_leaks_after_5000_connections_of_each_kind(record_property: Any) -> N
     record_property("figures", figures)
     print(f"leaks: {figures}")
     assert gauge.started == gauge.finished == total and gauge.running == 0
-    # Each kind ended the way it should, once per connection.
-    assert errors == {ConnectionReset.__name__: PER_KIND, Boom.__name__: PER_KIND}, errors
+    # Each kind ended the way it should, once per connection: the failing handler's
+    # Boom is an error; a reset peer is not (the engine logs it at DEBUG).
+    assert errors == {Boom.__name__: PER_KIND}, errors
     assert end.fds == start.fds
     assert end.greenlets == start.greenlets
     assert end.blocks - start.blocks < BLOCKS_MARGIN, figures["total"]

@@ -4,6 +4,8 @@ timeouts, peak_active at the connection limit, and nothing left active."""
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,7 @@ DROPPED = 4      # arrive while drop-incoming is on
 FAILING = 3      # make the handler raise
 BAD_HEADERS = 2  # send no PROXY header
 IDLE = 1         # send the header, then nothing
+GONE = 2         # reset the connection while the handler writes to it
 IDLE_TIMEOUT = 0.2
 HEADER = b"PROXY UNKNOWN\r\n"
 
@@ -36,6 +39,9 @@ def make_handler(gauge: Gauge, gate: Event) -> Callable[[Any, Any], None]:
                 sock.sendall(b"held")
             elif data == b"fail":
                 raise Boom("asked to fail")
+            elif data == b"gone":
+                while True:  # until the reset escapes: the peer went away
+                    sock.sendall(b"x" * 65536)
             else:
                 sock.sendall(data)
     return handler
@@ -53,6 +59,13 @@ def ask(port: int, data: bytes) -> bytes:
         except ConnectionResetError:
             pass
         return bytes(reply)
+
+
+def reset_after(port: int, data: bytes) -> None:
+    """Send the header and ``data``, then close with a reset (SO_LINGER 0)."""
+    with connect(port) as c:
+        c.sendall(HEADER + data)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def bad_header(port: int) -> bytes:
@@ -94,6 +107,8 @@ def test_stats_are_exact_after_a_scripted_run(face: str, monkeypatch: Any) -> No
             assert ask(port, b"fail") == b""
         for _ in range(BAD_HEADERS):
             assert bad_header(port) == b""
+        for _ in range(GONE):
+            reset_after(port, b"gone")
         for _ in range(IDLE):
             assert ask(port, b"") == b""  # silent after the header: the idle timeout
         assert ask(port, b"still here") == b"still here"
@@ -102,7 +117,7 @@ def test_stats_are_exact_after_a_scripted_run(face: str, monkeypatch: Any) -> No
 
     served_ok = HELD + 1
     assert stats == {
-        "accepted": HELD + FAILING + BAD_HEADERS + IDLE + 1,
+        "accepted": HELD + FAILING + BAD_HEADERS + GONE + IDLE + 1,
         "active": 0,
         "dropped": dropped,
         "handler_errors": FAILING,
@@ -110,5 +125,6 @@ def test_stats_are_exact_after_a_scripted_run(face: str, monkeypatch: Any) -> No
         "peak_active": LIMIT,
         "handshake_errors": BAD_HEADERS,
         "idle_timeouts": IDLE,
+        "peer_gone": GONE,
     }
-    assert gauge.started == served_ok + FAILING + IDLE
+    assert gauge.started == served_ok + FAILING + GONE + IDLE
