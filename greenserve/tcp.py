@@ -35,6 +35,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
 
@@ -44,7 +45,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 
 from . import _bind, _checks, _connect, _tls
-from ._acceptor import Acceptor, ServerOptions, check_connection_options, check_limits
+from ._acceptor import Acceptor, ServerOptions
 from .address import Fd, Tcp, Unix, parse_address
 from .errors import (
     ConnectInterrupted,
@@ -209,11 +210,11 @@ class Server:
         API.md section 10 (TLS and PROXY run in the connection's fiber).
         """
         age_limit = _checks.seconds("buffer_age_limit", buffer_age_limit, optional=True)
-        return cls._create(where, handler, "create", on_handler_error, max_connections,
-                           max_accepts_per_batch, backlog, socket, drop_incoming_connections,
-                           sw, age_limit, ssl_context=ssl_context,
-                           handshake_timeout=handshake_timeout,
-                           proxy_protocol=proxy_protocol, idle_timeout=idle_timeout)
+        options = _server_options(max_connections, max_accepts_per_batch,
+                                  drop_incoming_connections, ssl_context, handshake_timeout,
+                                  proxy_protocol, idle_timeout)
+        setup = _Setup("create", handler, on_handler_error, age_limit, sw, options)
+        return cls._create(where, setup, backlog, socket)
 
     @classmethod
     def create_sock(
@@ -236,31 +237,16 @@ class Server:
         """As :meth:`create`, but ``handler(addr, sock)`` gets the connected gevent
         socket (an ``SSLSocket`` with ``ssl_context``); the server closes it when the
         handler ends."""
-        return cls._create(where, handler, "create_sock", on_handler_error, max_connections,
-                           max_accepts_per_batch, backlog, socket, drop_incoming_connections,
-                           sw, None, ssl_context=ssl_context,
-                           handshake_timeout=handshake_timeout,
-                           proxy_protocol=proxy_protocol, idle_timeout=idle_timeout)
+        options = _server_options(max_connections, max_accepts_per_batch,
+                                  drop_incoming_connections, ssl_context, handshake_timeout,
+                                  proxy_protocol, idle_timeout)
+        setup = _Setup("create_sock", handler, on_handler_error, None, sw, options)
+        return cls._create(where, setup, backlog, socket)
 
     @classmethod
-    def _create(cls, where: object, handler: Callable[..., object], kind: str,
-                on_handler_error: object, max_connections: int | None, max_accepts_per_batch: int,
-                backlog: int, socket: Any, drop: bool, sw: Switch | None,
-                age_limit: float | None, **engine: Any) -> Server:
-        if not callable(handler):
-            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-        _check_on_handler_error(on_handler_error)
-        check_limits(max_connections, max_accepts_per_batch)
-        check_connection_options(engine["ssl_context"], engine["handshake_timeout"],
-                                 engine["proxy_protocol"], engine["idle_timeout"])
+    def _create(cls, where: object, setup: _Setup, backlog: int, socket: Any) -> Server:
+        setup.check()
         _check_backlog(backlog)
-        if not isinstance(drop, bool):
-            raise TypeError(f"drop_incoming_connections must be a bool, not "
-                            f"{type(drop).__name__}")
-        if sw is not None and not isinstance(sw, Switch):
-            raise TypeError(f"sw must be a Switch or None, not {type(sw).__name__}")
-        if sw is not None:
-            sw.check()  # a finished or cancelled switch takes no server
         addr = parse_address(where, default_host="127.0.0.1")
         if not isinstance(addr, (Tcp, Unix, Fd)):
             raise ValueError(f"where: cannot listen on {addr}: a tcp, unix or fd address "
@@ -270,32 +256,28 @@ class Server:
         lsock = _listen(addr, backlog, socket)
         self = object.__new__(cls)
         try:
-            self._setup(lsock, handler, kind, on_handler_error, max_connections,
-                        max_accepts_per_batch, drop, sw, age_limit, engine)
+            self._setup(lsock, setup)
         except BaseException:
             lsock.close()
             raise
         return self
 
-    def _setup(self, lsock: ListeningSocket, handler: Callable[..., object], kind: str,
-               on_handler_error: object, max_connections: int | None, batch: int, drop: bool,
-               sw: Switch | None, age_limit: float | None, engine: dict[str, Any]) -> None:
+    def _setup(self, lsock: ListeningSocket, setup: _Setup) -> None:
         self._lsock = lsock
-        self._handler = handler
-        self._on_error = on_handler_error
-        self._age_limit = age_limit
-        self._max = max_connections
+        self._handler = setup.handler
+        self._on_error = setup.on_handler_error
+        self._age_limit = setup.age_limit
+        self._max = setup.options.max_connections
         self._error: BaseException | None = None
         self._closed = False
         self._close_finished = Event()
         self._handlers_done = Event()
+        sw = setup.sw
         self._own_switch = sw is None
         self._sw = Switch._detached(f"tcp.Server {lsock.address}") if sw is None else sw
-        serve = self._serve_streams if kind == "create" else self._serve_sock
-        options = ServerOptions(max_connections=max_connections, max_accepts_per_batch=batch,
-                                drop_incoming=drop, **engine)
+        serve = self._serve_streams if setup.kind == "create" else self._serve_sock
         self._acceptor = Acceptor(
-            [lsock.socket], serve, options, sw=self._sw, on_error=self._handler_failed,
+            [lsock.socket], serve, setup.options, sw=self._sw, on_error=self._handler_failed,
             name=f"tcp.Server {lsock.address}", on_fatal=self._listener_failed)
         try:
             if sw is not None:
@@ -565,6 +547,42 @@ class Server:
             state = "listening"
         return (f"<tcp.Server {self._lsock.address} {state} "
                 f"connections={self._acceptor.active}/{self._max or 'unlimited'}>")
+
+
+def _server_options(max_connections: object, max_accepts_per_batch: object, drop: object,
+                    ssl_context: object, handshake_timeout: object, proxy_protocol: object,
+                    idle_timeout: object) -> ServerOptions:
+    """The engine's options from create's arguments, checked (naming each)."""
+    _checks.flag("drop_incoming_connections", drop)
+    return ServerOptions(
+        max_connections=max_connections,  # type: ignore[arg-type]
+        max_accepts_per_batch=max_accepts_per_batch,  # type: ignore[arg-type]
+        drop_incoming=drop,  # type: ignore[arg-type]
+        ssl_context=ssl_context,  # type: ignore[arg-type]
+        handshake_timeout=handshake_timeout,  # type: ignore[arg-type]
+        proxy_protocol=proxy_protocol,  # type: ignore[arg-type]
+        idle_timeout=idle_timeout)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What ``create``/``create_sock`` hand to the server, besides where to listen."""
+
+    kind: str  # "create": handler(addr, reader, writer); "create_sock": handler(addr, sock)
+    handler: Callable[..., object]
+    on_handler_error: object
+    age_limit: float | None
+    sw: Switch | None
+    options: ServerOptions
+
+    def check(self) -> None:
+        if not callable(self.handler):
+            raise TypeError(f"handler must be callable, not {type(self.handler).__name__}")
+        _check_on_handler_error(self.on_handler_error)
+        if self.sw is not None and not isinstance(self.sw, Switch):
+            raise TypeError(f"sw must be a Switch or None, not {type(self.sw).__name__}")
+        if self.sw is not None:
+            self.sw.check()  # a finished or cancelled switch takes no server
 
 
 def _check_on_handler_error(value: object) -> None:
