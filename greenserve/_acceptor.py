@@ -225,6 +225,35 @@ class Acceptor:
     def max_connections(self) -> int | None:
         return None if self._limit == float("inf") else int(self._limit)
 
+    @property
+    def watching(self) -> bool:
+        """True while the engine's watchers run (accepting, below the limit, not backing
+        off)."""
+        return self._watching
+
+    @property
+    def backoff(self) -> float:
+        """The current accept-error back-off in seconds (0: none)."""
+        return self._backoff
+
+    @property
+    def sets_nodelay(self) -> list[bool]:
+        """Per listener: whether each accepted connection gets ``TCP_NODELAY`` set (a
+        TCP listener without it; greenserve's own listeners have it, and Linux copies it
+        to accepted sockets)."""
+        return [nodelay for _, _, nodelay in self._accept_args]
+
+    def accept_batch_now(self, index: int = 0) -> None:
+        """Run one accept batch on listener ``index`` now, as its watcher's callback
+        would when readable (whether or not the watchers run: for tests that need a batch
+        at a chosen moment)."""
+        watching = self._watching
+        self._watching = True
+        try:
+            self._accept_batch(*self._accept_args[index])
+        finally:
+            self._watching = watching and self._watching
+
     def open_connections(self) -> int:
         """How many connection sockets the engine holds open (``active`` counts the
         same ones: a consistency check for the faces' ``invariant``)."""
