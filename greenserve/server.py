@@ -629,19 +629,10 @@ class _Run:
             self._drained.set()
 
     def _drain(self, timeout: float) -> None:
-        acceptor = self.acceptor
-        # Fibers spawned just before close() start now: they see the engine closed and
-        # release their sockets. (One not yet started cannot be cancelled safely.)
-        gevent.sleep(0)
-        if not acceptor.idle.wait(timeout):
-            log.info("%s: %d connections still open after %s s: closing them",
-                     acceptor.name, acceptor.active, timeout)
-            acceptor.abort_connections()
-            if not acceptor.idle.wait(ABORT_GRACE):
-                log.warning("%s: %d handlers ignored cancellation; not waiting for them",
-                            acceptor.name, acceptor.active)
-                return
-        self.switch._close()
+        # The engine's one stop sequence; handlers that ignore their cancellation for
+        # ABORT_GRACE are left behind (stop() must return), their switch unfinished.
+        if self.acceptor.drain(timeout, abort_grace=ABORT_GRACE):
+            self.switch._close()
 
 
 # -- helpers ---------------------------------------------------------------------------------
