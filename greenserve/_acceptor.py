@@ -200,6 +200,7 @@ class Acceptor:
         self._backoff = 0.0
         self._accepting = False  # wanted by the face (start/stop_accepting)
         self._watching = False   # watchers really started
+        self._paused = False     # pause_until() waits for room elsewhere
         self._closed = False
 
     def _init_counters(self) -> None:
@@ -265,6 +266,24 @@ class Acceptor:
             raise RuntimeError(f"{self.name} is closed")
         self._accepting = True
         self._update()
+
+    def pause_until(self, ready: Callable[[], object]) -> None:
+        """Accept nothing until ``ready()`` returns: a limit the engine does not count
+        itself (a gevent ``Pool`` shared with other code: ``pool.wait_available``).
+        ``ready`` blocks in a daemon fiber of the engine's switch; then accepting resumes
+        (unless stopped or closed meanwhile). A pause already waiting is not doubled."""
+        if self._paused or self._closed:
+            return
+        self._paused = True
+        self._update()
+        self._sw.fork_daemon(self._resume_when, ready)
+
+    def _resume_when(self, ready: Callable[[], object]) -> None:
+        try:
+            ready()
+        finally:
+            self._paused = False
+            self._update()
 
     def stop_accepting(self) -> None:
         """Stop accepting; connections in the backlog wait there."""
@@ -366,7 +385,7 @@ class Acceptor:
 
     def _update(self) -> None:
         want = (self._accepting and not self._closed and self.active < self._limit
-                and not self._timer.active)
+                and not self._timer.active and not self._paused)
         if want == self._watching:
             return
         self._watching = want

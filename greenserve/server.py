@@ -319,8 +319,7 @@ class StreamServer:
             self.start()
             return
         self._accepting = True
-        if not run.waiting_for_pool:
-            run.acceptor.start_accepting()
+        run.acceptor.start_accepting()
 
     def stop_accepting(self) -> None:
         """Stop accepting; new clients wait in the listen backlog."""
@@ -511,7 +510,7 @@ class StreamServer:
         if pool is not None and _pool_full(pool):
             # A shared pool filled by someone else: this connection waits for room
             # (in the pool's accounting), and accepting pauses until there is some.
-            run.wait_for_pool(pool)
+            run.acceptor.pause_until(pool.wait_available)
             return run.switch.fork(self._serve_when_pool_has_room, pool, serve, sock, peer)
         fn = self._spawn
         assert fn is not None
@@ -522,7 +521,8 @@ class StreamServer:
             hub.handle_error((_gevent_address(peer), self), type(exc), exc, exc.__traceback__)
             return self._reject(run, serve, sock, peer)
         if pool is not None and _pool_full(pool) and run.acceptor.active < run.limit:
-            run.wait_for_pool(pool)  # full, but not of ours: the engine would go on
+            # Full, but not of ours: the engine would go on. It waits for room instead.
+            run.acceptor.pause_until(pool.wait_available)
         return _cancellable(fiber)
 
     def _reject(self, run: _Run, serve: Callable[..., Any], sock: Any, peer: Any) -> Any:
@@ -597,25 +597,8 @@ class _Run:
             # serve_forever() returns (after stop()).
             on_fatal=lambda exc: server.close())
         self.closed = False
-        self.waiting_for_pool = False
         self._draining = False
         self._drained = Event()
-
-    def wait_for_pool(self, pool: Any) -> None:
-        """Pause accepting until ``pool`` has room (a daemon of the run's switch)."""
-        if self.waiting_for_pool:
-            return
-        self.waiting_for_pool = True
-        self.acceptor.stop_accepting()
-        self.switch.fork_daemon(self._resume_when_pool_has_room, pool)
-
-    def _resume_when_pool_has_room(self, pool: Any) -> None:
-        try:
-            pool.wait_available()
-        finally:
-            self.waiting_for_pool = False
-        if not self.closed and self.server._accepting and self.server._run is self:
-            self.acceptor.start_accepting()
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the handlers, then cancel the rest; once."""

@@ -496,3 +496,18 @@ def test_drain_gives_up_on_handlers_that_ignore_cancellation() -> None:
         release.set()
         assert acc.idle.wait(5)
         c.close()
+
+
+def test_pause_until_stops_accepting_until_ready_returns() -> None:
+    room = Event()
+    with serving() as (acc, port):
+        assert acc.watching
+        acc.pause_until(room.wait)
+        acc.pause_until(room.wait)  # already paused: not doubled
+        assert not acc.watching  # nothing is accepted: clients wait in the backlog
+        c = client(port)
+        c.sendall(b"x")
+        room.set()
+        wait_until(lambda: acc.watching)
+        assert c.recv(1) == b"x" and acc.stats["accepted"] == 1
+        c.close()
