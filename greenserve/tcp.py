@@ -206,8 +206,11 @@ class Server:
         ``where`` unless already bound; the server owns it once ``create`` returned).
         ``buffer_age_limit``: see :class:`~greenserve.stream.Writer` (``None``: no limit).
         ``drop_incoming_connections``: see :meth:`set_drop_incoming_connections`.
-        ``ssl_context``, ``handshake_timeout``, ``proxy_protocol``, ``idle_timeout``: see
-        API.md section 10 (TLS and PROXY run in the connection's fiber).
+        ``ssl_context``: TLS, the handshake bounded by ``handshake_timeout`` (seconds);
+        ``proxy_protocol``: read a PROXY v1/v2 header first (also bounded by
+        ``handshake_timeout``; the handler's ``addr`` is its source); ``idle_timeout``:
+        a read or write waiting longer ends the connection quietly. All of these run in
+        the connection's fiber, never in the accept loop (see docs/tcp.md).
         """
         age_limit = _checks.seconds("buffer_age_limit", buffer_age_limit, optional=True)
         options = _server_options(max_connections, max_accepts_per_batch,

@@ -1,4 +1,4 @@
-"""greenserve.errors: the class tree of API.md section 2 and the one OSError translation."""
+"""greenserve.errors: the class tree of docs/errors.md and the one OSError translation."""
 
 from __future__ import annotations
 

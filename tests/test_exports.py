@@ -1,4 +1,4 @@
-"""The public surface, API.md section 1: every name is importable from ``greenserve`` and
+"""The public surface (docs/index.md and the pages it links): every name is importable from ``greenserve`` and
 is the object of its home module; ``import greenserve`` imports no gunicorn and
 monkey-patches nothing (checked in a fresh interpreter)."""
 
@@ -16,7 +16,7 @@ import greenserve
 
 ROOT = Path(__file__).parent.parent
 
-# API.md section 1 (and every error class of section 2), with the module each lives in.
+# Every public name (and every error class of docs/errors.md), with the module each lives in.
 EXPORTS = {
     "Switch": "greenserve.switch",
     "Tcp": "greenserve.address",

@@ -1,4 +1,4 @@
-"""greenserve.gunicorn (API.md section 8): real ``gunicorn`` processes, real HTTP clients.
+"""greenserve.gunicorn (docs/gunicorn.md): real ``gunicorn`` processes, real HTTP clients.
 
 Each test starts ``python -m gunicorn -k greenserve.gunicorn.<Worker>`` on 127.0.0.1
 (port 0, read back from gunicorn's log) with an application from ``gunicorn_apps/``,
