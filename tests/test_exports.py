@@ -1,6 +1,6 @@
-"""The public surface (docs/index.md and the pages it links): every name is importable from ``greenserve`` and
-is the object of its home module; ``import greenserve`` imports no gunicorn and
-monkey-patches nothing (checked in a fresh interpreter)."""
+"""The public surface (docs/index.md and the pages it links): every name is importable
+from ``greenserve`` and is the object of its home module; ``import greenserve`` imports
+no gunicorn and monkey-patches nothing (checked in a fresh interpreter)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""greenserve.net (Eio's Net) on real loopback TCP, UDP and unix sockets: docs/net.md, promise by promise."""
+"""greenserve.net (Eio's Net) on real loopback TCP, UDP and unix sockets: docs/net.md,
+promise by promise."""
 
 from __future__ import annotations
 
