@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import signal
 import socket as _stdsocket
@@ -120,20 +119,6 @@ def _serve_flow(flow: Flow, addr: Any, handler: Callable[[Flow, Any], object],
             on_error(exc)
 
 
-def _check_seconds(name: str, value: object, *, optional: bool) -> float | None:
-    """A duration argument in seconds: ``TypeError`` naming it for anything but an
-    ``int``/``float`` (``bool`` included), ``ValueError`` for NaN, infinity or <= 0.
-    ``None`` is accepted (and returned) only when ``optional``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = "a number of seconds or None" if optional else "a number of seconds"
-        raise TypeError(f"{name} must be {kind}, not {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number of seconds > 0, not {value}")
-    return float(value)
-
-
 def _check_event(name: str, value: object, kinds: tuple[type, ...]) -> None:
     if value is not None and not isinstance(value, kinds):
         wanted = " or ".join(k.__name__ for k in kinds)
@@ -198,9 +183,9 @@ def serve_listeners(listeners: list[ListeningSocket], handler: Callable[[Flow, A
     """
     _check_listeners(listeners)
     _check_serving(handler, on_error, max_connections, additional_processes, stop, abort)
-    drain = _check_seconds("drain_timeout", drain_timeout, optional=True)
-    _check_seconds("handshake_timeout", handshake_timeout, optional=False)
-    _check_seconds("idle_timeout", idle_timeout, optional=True)
+    drain = _checks.seconds("drain_timeout", drain_timeout, optional=True)
+    _checks.seconds("handshake_timeout", handshake_timeout)
+    _checks.seconds("idle_timeout", idle_timeout, optional=True)
     check_connection_options(ssl_context, handshake_timeout, proxy_protocol, idle_timeout)
     options = {"ssl_context": ssl_context, "handshake_timeout": handshake_timeout,
                "proxy_protocol": proxy_protocol, "idle_timeout": idle_timeout,
