@@ -228,28 +228,30 @@ def _serve_with_children(serve: Callable[[Any, Any], Any], count: int,
                          stop: Event | AsyncResult | None, abort: Event | None) -> Any:
     """Fork ``count`` children serving as this process does, serve, then wait for them.
 
-    The children stop (SIGTERM) and drain at the same time as this process; an abort,
-    a cancellation or a failure here closes their connections at once (SIGQUIT).
+    The children stop (SIGTERM) and drain at the same time as this process, and this
+    process waits for them after its own drain; ``abort`` set at any time until they
+    have exited closes their connections at once (SIGQUIT), as does a cancellation or a
+    failure here.
     """
     children = [_fork_child(serve) for _ in range(count)]
     how = signal.SIGQUIT
     try:
         with Switch(name="run_server children") as sw:
             for pid in children:
-                sw.fork_daemon(_watch_child, pid, children)
+                sw.fork(_watch_child, pid, children)  # the switch waits for every child
             if stop is not None:
                 sw.fork_daemon(_signal_children_when_set, stop, children, signal.SIGTERM)
-            if abort is not None:
+            if abort is not None:  # alive until the children have exited
                 sw.fork_daemon(_signal_children_when_set, abort, children, signal.SIGQUIT)
             try:
                 result = serve(stop, abort)
             except OSError:
                 how = signal.SIGTERM  # a broken listening socket: the handlers drained
                 raise
-        how = signal.SIGTERM
+            _signal_children(children, signal.SIGTERM)  # (again:) stop, then drain
         return result
     finally:
-        _stop_children(children, how)
+        _stop_children(children, how)  # those left after an error: reap them
 
 
 def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], object],
@@ -347,7 +349,12 @@ def _reaped(pid: int, status: int, children: list[int]) -> None:
 
 
 def _watch_child(pid: int, children: list[int]) -> None:
-    _, status = gevent.os.waitpid(pid, 0)
+    try:
+        _, status = gevent.os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped by someone else: nothing to report
+        if pid in children:
+            children.remove(pid)
+        return
     _reaped(pid, status, children)
 
 

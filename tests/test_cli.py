@@ -380,6 +380,31 @@ def test_processes_stop_together_and_a_second_signal_aborts_them_all() -> None:
     assert b"Traceback" not in err
 
 
+def test_a_second_signal_reaches_children_after_the_parent_has_drained() -> None:
+    # The parent has no connection left (its drain is over: it waits for its child);
+    # the child drains an idle client: the second signal must still reach it.
+    with cli("tests.cli_handlers:whoami", "--bind", "127.0.0.1:0", "--processes", "2",
+             "--max-connections", "1", "--shutdown-timeout", LONG_DRAIN) as (proc, addrs):
+        port = port_of(addrs[0])
+        held = {}
+        for _ in range(2):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held[int(c.recv(100).split()[0])] = c
+        assert proc.pid in held and len(held) == 2
+        held.pop(proc.pid).close()  # the parent's handler returns: the parent is idle
+        (child_client,) = held.values()
+        proc.send_signal(signal.SIGTERM)
+        line = wait_for_line(proc.stderr, "stopping: 1 connection,")
+        assert f"[{proc.pid}]" not in line  # the child's: the parent had none left
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert child_client.recv(10) == b""
+        child_client.close()
+        _, err = proc.communicate(timeout=SLACK)
+        assert time.monotonic() - started < SLACK
+    assert proc.returncode == 0, err.decode()
+
+
 def test_ctrl_c_to_the_whole_process_group_is_one_signal() -> None:
     # A terminal's Ctrl-C sends SIGINT to every process of the group: the children
     # ignore it (the parent tells them), so one Ctrl-C is a graceful stop, not an abort.
