@@ -60,6 +60,7 @@ Handler = Callable[[gsocket.socket, Any], None]
 OnError = Callable[[Exception, Any], object]
 Spawn = Callable[..., Any]
 Wait = Callable[[list[Event], "float | None"], object]
+Reclaim = Callable[[], object]
 
 # accept() errors that concern only the connection being accepted (it died in the
 # backlog, or the network under it failed): try the next one.
@@ -123,6 +124,7 @@ class ServerOptions:
     handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT
     proxy_protocol: bool = False
     idle_timeout: float | None = None
+    reclaim_idle: bool = True
 
     def __post_init__(self) -> None:
         _checks.count("max_connections", self.max_connections, optional=True)
@@ -132,6 +134,7 @@ class ServerOptions:
         _checks.seconds("handshake_timeout", self.handshake_timeout)
         _checks.flag("proxy_protocol", self.proxy_protocol)
         _checks.seconds("idle_timeout", self.idle_timeout, optional=True)
+        _checks.flag("reclaim_idle", self.reclaim_idle)
 
 
 class Acceptor:
@@ -208,10 +211,15 @@ class Acceptor:
         # Connections abort_connections() shut down: whatever their handler raises from
         # then on is the abort's doing (see _serve), not the handler's failure.
         self._aborted: set[gsocket.socket] = set()
+        # Connections waiting for their peer's next message, oldest first: accepted
+        # socket -> (how to end it, bytes received by then). See reclaimable().
+        self._reclaimable: dict[gsocket.socket, tuple[Reclaim | None, int | None]] = {}
+        self._reclaiming: gsocket.socket | None = None  # reclaimed, not yet released
+        self._owner_of: dict[Any, gsocket.socket] = {}  # TLS wrapper -> accepted socket
         self.active = 0
         self.stats = {"accepted": 0, "active": 0, "dropped": 0, "handler_errors": 0,
                       "accept_errors": 0, "peak_active": 0, "handshake_errors": 0,
-                      "idle_timeouts": 0, "peer_gone": 0}
+                      "idle_timeouts": 0, "peer_gone": 0, "reclaimed": 0}
         self.idle = Event()  # set while no connection is active
         self.idle.set()
         self._log = _RateLimitedLog()
@@ -384,8 +392,12 @@ class Acceptor:
             g.kill(Cancelled(f"{self.name} closed its connections"), block=False)
 
     def _update(self) -> None:
-        want = (self._accepting and not self._closed and self.active < self._limit
-                and not self._timer.active and not self._paused)
+        want = (self._accepting and not self._closed and not self._timer.active
+                and not self._paused
+                and (self.active < self._limit
+                     # At the limit: still watch, to reclaim an idle connection for a
+                     # client waiting in the backlog (one at a time).
+                     or (bool(self._reclaimable) and self._reclaiming is None)))
         if want == self._watching:
             return
         self._watching = want
@@ -422,6 +434,9 @@ class Acceptor:
             return
         for _ in range(self.max_accepts_per_batch):
             if not self._watching:
+                return
+            if self.active >= self._limit:
+                self._reclaim_one()  # a client waits in the backlog: make room for it
                 return
             try:
                 fd, addr = _gevent.accept_raw(raw)
@@ -552,7 +567,8 @@ class Acceptor:
             if conn is not sock and conn is not None:
                 conn.close()
             if self._wrapped:
-                self._wrapped.pop(sock, None)  # also after a failed handshake
+                self._owner_of.pop(self._wrapped.pop(sock, None), None)  # also after a
+                # failed handshake
             self._release(sock)
 
     def peer_left(self, sock: gsocket.socket, peer: Any, exc: BaseException) -> bool:
@@ -566,6 +582,58 @@ class Acceptor:
         self.stats["peer_gone"] += 1
         log.debug("%s: %s went away: %s", self.name, peer, exc)
         return True
+
+    def _wrapped_by(self, sock: gsocket.socket, tls: Any) -> None:
+        self._wrapped[sock] = tls
+        self._owner_of[tls] = sock
+
+    # -- reclaiming idle connections at the limit ---------------------------------------
+
+    def reclaimable(self, conn: Any, reclaim: Reclaim | None = None) -> None:
+        """Mark connection ``conn`` (the socket its handler got) as waiting for its peer's
+        next message. While it is marked and the engine is at ``max_connections`` with
+        a client waiting in the listen backlog, the engine may end it to admit that
+        client: the oldest-marked first, one for one (the new client is accepted only
+        once the reclaimed connection is released), and never a connection with unread
+        bytes or with bytes received since it was marked (a request arriving). Ending it
+        is ``reclaim()`` (called from the hub), or by default the kernel's shutdown: a
+        read blocked on it returns end of file, its peer reads end of file.
+        A no-op with ``reclaim_idle=False``, or for a connection the engine does not hold.
+        """
+        sock = self._owner_of.get(conn, conn)
+        if not self.options.reclaim_idle or sock not in self._conns:
+            return
+        self._reclaimable.pop(sock, None)  # marked again: now the youngest
+        self._reclaimable[sock] = (reclaim, _gevent.bytes_received(conn))
+        if self.active >= self._limit:
+            self._update()
+
+    def busy(self, conn: Any) -> None:
+        """Unmark ``conn`` (bytes arrived, or its handler stopped waiting)."""
+        if not self._reclaimable:
+            return
+        was = self._reclaimable.pop(self._owner_of.get(conn, conn), None)
+        if was is not None and self.active >= self._limit:
+            self._update()
+
+    def _reclaim_one(self) -> None:
+        """End the oldest idle connection (runs in the hub, at the limit, while a client
+        waits in the backlog); skip any that is receiving a message."""
+        while self._reclaimable and self._reclaiming is None:
+            sock = next(iter(self._reclaimable))
+            reclaim, received = self._reclaimable.pop(sock)
+            conn = self._wrapped.get(sock, sock)
+            if _gevent.has_unread(conn) or _gevent.bytes_received(conn) != received:
+                continue  # a message is arriving: not idle after all
+            self._reclaiming = sock
+            self.stats["reclaimed"] += 1
+            log.debug("%s: at %d connections, closing an idle one for a waiting client",
+                      self.name, self.active)
+            if reclaim is None:
+                _gevent.kernel_shutdown(conn)
+            else:
+                gevent.get_hub().loop.run_callback(reclaim)
+        self._update()
 
     def _unserved(self, sock: gsocket.socket, peer: Any) -> None:
         # The fiber was cancelled before it started: just free the connection.
@@ -582,7 +650,7 @@ class Acceptor:
                 # Recorded before the handshake: the wrapper owns the fd from then on,
                 # and an abort during the handshake must shut the wrapper down.
                 conn = _tls.server_side(sock, self.ssl_context, self.handshake_timeout,
-                                        functools.partial(self._wrapped.__setitem__, sock))
+                                        functools.partial(self._wrapped_by, sock))
         except (OSError, ProxyProtocolError, ssl.SSLError) as exc:
             self.stats["handshake_errors"] += 1
             kind = "PROXY header" if isinstance(exc, ProxyProtocolError) else "TLS handshake"
@@ -596,6 +664,10 @@ class Acceptor:
     def _release(self, sock: gsocket.socket) -> None:
         sock.close()
         self._aborted.discard(sock)
+        if self._reclaimable:
+            self._reclaimable.pop(sock, None)
+        if self._reclaiming is sock:
+            self._reclaiming = None
         if self._conns.pop(sock, _GONE) is _GONE:
             return  # released already
         self.active -= 1

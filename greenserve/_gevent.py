@@ -22,14 +22,17 @@ import _socket
 import errno
 import socket as _stdsocket
 import ssl
+import sys
 from typing import Any
 
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
-__all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "holds", "kernel_shutdown", "peer_gone",
-           "raw_send", "raw_socket", "receive", "tls_send_nowait", "tls_wrap",
-           "wait_readable"]
+__all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "bytes_received", "has_unread", "holds",
+           "kernel_shutdown", "peer_gone", "raw_send", "raw_socket", "receive",
+           "tls_send_nowait", "tls_wrap", "wait_readable"]
+
+_LITTLE = sys.byteorder == "little"
 
 # libev's event masks (a watcher's ``events`` may carry flags of libev's own above them).
 READ = 1
@@ -112,6 +115,46 @@ def raw_send(sock: gsocket.socket, data: Any) -> int:
     """One non-blocking ``send`` on the stdlib socket under a plain gevent socket
     (``BlockingIOError`` when the kernel takes nothing; ``EBADF`` once closed)."""
     return sock._sock.send(data)
+
+
+# struct tcp_info (linux/tcp.h): the u64 tcpi_bytes_received sits at this offset
+# (Linux >= 4.1); a shorter answer means an older kernel: unknown.
+_TCP_INFO_BYTES_RECEIVED = 128
+_TCP_INFO_SIZE = 256
+
+
+def bytes_received(sock: Any) -> int | None:
+    """How many bytes a TCP connection has received so far (the kernel's count, read or
+    not); ``None`` for other sockets, a closed one, or a kernel that does not say."""
+    raw = raw_socket(sock)
+    if raw is None or raw.family not in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
+        return None
+    try:
+        info = raw.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_INFO, _TCP_INFO_SIZE)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
+        return None
+    return int.from_bytes(info[_TCP_INFO_BYTES_RECEIVED:_TCP_INFO_BYTES_RECEIVED + 8],
+                          "little" if _LITTLE else "big")
+
+
+def has_unread(sock: Any) -> bool:
+    """Whether a read of ``sock`` would return at once: decrypted bytes in a TLS
+    wrapper, the kernel's bytes, or end of file (peeked, never consumed, never waiting).
+    A connection for which this is true is not idle: a message or its end is there."""
+    raw = raw_socket(sock)
+    if raw is None:
+        return False
+    if isinstance(sock, gssl.SSLSocket) and sock._sslobj is not None and sock.pending():
+        return True
+    try:
+        raw.recv(1, _stdsocket.MSG_PEEK)
+    except BlockingIOError:
+        return False  # nothing yet
+    except OSError:
+        return True  # a reset: the read fails at once
+    return True  # a byte, or end of file
 
 
 def wait_readable(sock: gsocket.socket) -> None:

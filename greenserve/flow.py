@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import socket as _stdsocket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from gevent import socket as gsocket
 
@@ -20,7 +22,7 @@ from .address import Address, Fd, Tcp, Udp, Unix, from_sockaddr
 from .errors import reraise
 from .switch import ReleaseHook, Switch
 
-__all__ = ["DatagramSocket", "Flow", "ListeningSocket", "open_listener"]
+__all__ = ["DatagramSocket", "Flow", "ListeningSocket", "Reclaimer", "open_listener"]
 
 _SHUTDOWN = {"send": _stdsocket.SHUT_WR, "receive": _stdsocket.SHUT_RD,
              "both": _stdsocket.SHUT_RDWR}
@@ -78,6 +80,13 @@ class _Owned:
         self.close()
 
 
+class Reclaimer(Protocol):
+    """What a server offers the connections it accepted (see :meth:`Flow.idle`)."""
+
+    def reclaimable(self, conn: Any, reclaim: Any = None) -> None: ...
+    def busy(self, conn: Any) -> None: ...
+
+
 class Flow(_Owned):
     """A connected stream socket (TCP or unix).
 
@@ -86,12 +95,14 @@ class Flow(_Owned):
     closes it.
     """
 
-    __slots__ = ("__weakref__", "_drained", "_local", "_peer", "_plain")
+    __slots__ = ("__weakref__", "_drained", "_idle", "_local", "_peer", "_plain", "_reclaimer")
 
     def __init__(self, sock: gsocket.socket, *, peer: Tcp | Unix | None = None,
-                 sw: Switch | None = None) -> None:
+                 sw: Switch | None = None, reclaimer: Reclaimer | None = None) -> None:
         super().__init__(sock)
         self._peer = peer
+        self._reclaimer = reclaimer  # the server that accepted it (see idle())
+        self._idle = False
         self._local: Tcp | Unix | None = None
         # True after a read that returned less than asked: the kernel buffer is then
         # almost surely empty, so the next read waits for readability first instead of
@@ -125,6 +136,43 @@ class Flow(_Owned):
                 reraise(exc)
         return self._local
 
+    @contextmanager
+    def idle(self) -> Iterator[None]:
+        """Say "this connection waits for the peer's next message" while inside.
+
+        A server at its connection limit (``max_connections``) with a client waiting
+        may then close this connection to admit that client (a read blocked inside gets
+        end of file, and the peer too): the connections idle the longest first, one for
+        each new client, and never one whose next message has begun to arrive. Idle
+        ends with the first byte read, or on leaving the block. Use it around the read
+        of the next request of a keep-alive protocol::
+
+            while True:
+                with flow.idle():
+                    line = flow.read()   # b"" also when the server reclaimed it
+                if not line:
+                    return
+                ...                      # the request: never reclaimed here
+
+        Outside a server (or with ``reclaim_idle=False``) it does nothing.
+        """
+        reclaimer = self._reclaimer
+        if reclaimer is None or self._idle:
+            yield
+            return
+        self._idle = True
+        reclaimer.reclaimable(self._sock)
+        try:
+            yield
+        finally:
+            self._busy()
+
+    def _busy(self) -> None:
+        if self._idle:
+            self._idle = False
+            assert self._reclaimer is not None
+            self._reclaimer.busy(self._sock)
+
     def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """Read up to ``max_bytes``; ``b""`` at end of file."""
         try:
@@ -135,6 +183,8 @@ class Flow(_Owned):
         except OSError as exc:
             reraise(exc)
         self._drained = self._plain and 0 < len(data) < max_bytes
+        if self._idle and data:
+            self._busy()  # the next message arrived: no longer idle
         return data
 
     def read_into(self, buffer: Any) -> int:
@@ -147,6 +197,8 @@ class Flow(_Owned):
         except OSError as exc:
             reraise(exc)
         self._drained = self._plain and 0 < n < len(buffer)
+        if self._idle and n:
+            self._busy()  # the next message arrived: no longer idle
         return n
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

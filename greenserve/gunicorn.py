@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket as _stdsocket
 import sys
@@ -51,6 +50,7 @@ from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers import base
 from gunicorn.workers.base_async import AsyncWorker
 
+from . import _gevent
 from ._acceptor import Acceptor, ServerOptions
 from .address import Tcp, Unix, as_accepted
 from .flow import Flow
@@ -192,11 +192,17 @@ class _EngineWorker(base.Worker):  # type: ignore[misc]  # gunicorn is untyped
 
     # -- serving and stopping ------------------------------------------------------------------
 
+    # At worker_connections, a connection waiting for its next keep-alive request may be
+    # closed to admit a client waiting in the backlog (the longest idle first; never one
+    # whose request has begun to arrive). A subclass sets False to keep them all.
+    reclaim_idle = True
+
     def _make_acceptor(self, sw: Switch) -> Acceptor:
         options = ServerOptions(
             max_connections=self.worker_connections,
             max_accepts_per_batch=1 if self.cfg.workers > 1 else MAX_ACCEPT,
-            ssl_context=gunicorn_ssl_context(self.cfg) if self.cfg.is_ssl else None)
+            ssl_context=gunicorn_ssl_context(self.cfg) if self.cfg.is_ssl else None,
+            reclaim_idle=self.reclaim_idle)
         return Acceptor(self.sockets, self._serve_connection, options, sw=sw,
                         on_error=self._connection_failed, name=f"gunicorn worker {self.pid}")
 
@@ -339,7 +345,7 @@ class TCPWorker(_EngineWorker):
 
     def _serve_connection(self, conn: Any, peer: Tcp | Unix) -> None:
         self._count_request()
-        flow = Flow(conn, peer=peer)
+        flow = Flow(conn, peer=peer, reclaimer=self._acceptor)
         try:
             self.wsgi(flow, peer)  # gunicorn's name for what it loaded: our handler
         except Exception as exc:
@@ -388,6 +394,7 @@ class _RequestWait:
         self._timer = gevent.get_hub().loop.timer(self._worker.cfg.keepalive)
         self._timer.start(self._end)
         self._worker._waits.add(self)
+        self._reclaimable(True)
         if not self._worker.alive:
             self.end_unless_request_arrived()
         return self
@@ -397,7 +404,20 @@ class _RequestWait:
         self._waiting = False
         self._timer.close()
         self._worker._waits.discard(self)
+        self._reclaimable(False)
         return isinstance(ev, _KeepAliveEnded)
+
+    def _reclaimable(self, waiting: bool) -> None:
+        # While it waits for a request, the engine may end this connection (with
+        # _end_if_idle, as a stop does) to admit a client when the worker is full.
+        acceptor = self._worker._acceptor
+        conn = self._worker._conns.get(self._fiber)
+        if acceptor is None or conn is None:
+            return
+        if waiting:
+            acceptor.reclaimable(conn, self._end_if_idle)
+        else:
+            acceptor.busy(conn)
 
     def end_unless_request_arrived(self) -> None:
         # From the hub: throwing into a fiber from another greenlet would never return.
@@ -405,7 +425,7 @@ class _RequestWait:
 
     def _end_if_idle(self) -> None:
         sock = self._worker._conns.get(self._fiber)
-        if sock is None or not _has_unread_bytes(sock):
+        if sock is None or not _gevent.has_unread(sock):
             self._end()
 
     def _end(self) -> None:
@@ -414,20 +434,6 @@ class _RequestWait:
         if self._waiting:
             self._waiting = False
             self._fiber.throw(_KeepAliveEnded())
-
-
-def _has_unread_bytes(sock: Any) -> bool:
-    """Whether ``sock`` has received bytes not read yet (or its end of file)."""
-    pending = getattr(sock, "pending", None)  # TLS: bytes decrypted and not yet read
-    if pending is not None and pending():
-        return True
-    fd = sock.fileno()
-    if fd < 0:
-        return False
-    # The stdlib's poll, not gevent's: this must answer now, never wait.
-    poller = monkey.get_original("select", "poll")()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _listener_names(sockets: list[Any]) -> dict[Any, Any]:

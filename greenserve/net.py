@@ -24,7 +24,7 @@ from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
 from . import _bind, _checks, _connect, _tls
-from ._acceptor import Acceptor, ServerOptions, check_connection_options, check_limits
+from ._acceptor import Acceptor, ServerOptions, check_limits
 from .address import Address, Tcp, Udp, Unix, parse_address
 from .errors import (
     add_note,
@@ -130,7 +130,8 @@ def run_server(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], *
                additional_processes: int = 0, stop: Event | AsyncResult | None = None,
                drain_timeout: float | None = None, ssl_context: ssl.SSLContext | None = None,
                handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
-               proxy_protocol: bool = False, idle_timeout: float | None = None) -> Any:
+               proxy_protocol: bool = False, idle_timeout: float | None = None,
+               reclaim_idle: bool = True) -> Any:
     """Accept connections on ``lsock`` and run ``handler(flow, addr)`` for each in its
     own fiber, with at most ``max_connections`` at once (no accept while at the limit).
 
@@ -148,6 +149,10 @@ def run_server(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], *
     seconds; a connection that fails them is closed (logged at INFO) and the handler
     is not called. ``idle_timeout``: a read or write that waits longer ends the
     connection quietly.
+    ``reclaim_idle`` (default True): at ``max_connections``, with a client waiting, the
+    connection idle the longest among those whose handler waits inside
+    :meth:`Flow.idle <greenserve.flow.Flow.idle>` is closed to admit it (the handler's
+    read returns end of file); ``False``: never.
 
     Error handling: as :func:`accept_fork`; out-of-fds and similar accept errors are
     logged (rate limited) and retried after a back-off. An accept error that means the
@@ -162,7 +167,7 @@ def run_server(lsock: ListeningSocket, handler: Callable[[Flow, Any], object], *
         [lsock], handler, on_error=on_error, max_connections=max_connections,
         additional_processes=additional_processes, stop=stop, drain_timeout=drain_timeout,
         ssl_context=ssl_context, handshake_timeout=handshake_timeout,
-        proxy_protocol=proxy_protocol, idle_timeout=idle_timeout)
+        proxy_protocol=proxy_protocol, idle_timeout=idle_timeout, reclaim_idle=reclaim_idle)
 
 
 def serve_listeners(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], object], *,
@@ -171,7 +176,8 @@ def serve_listeners(listeners: list[ListeningSocket], handler: Callable[[Flow, A
                     drain_timeout: float | None = None, abort: Event | None = None,
                     ssl_context: ssl.SSLContext | None = None,
                     handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
-                    proxy_protocol: bool = False, idle_timeout: float | None = None) -> Any:
+                    proxy_protocol: bool = False, idle_timeout: float | None = None,
+                    reclaim_idle: bool = True) -> Any:
     """:func:`run_server` for several listening sockets sharing one connection limit
     (the CLI's ``--bind`` repeated), with one more keyword: ``abort``, an ``Event``
     that ends everything at once when set (also after ``stop``, during the drain): the
@@ -184,16 +190,15 @@ def serve_listeners(listeners: list[ListeningSocket], handler: Callable[[Flow, A
     _check_listeners(listeners)
     _check_serving(handler, on_error, max_connections, additional_processes, stop, abort)
     drain = _checks.seconds("drain_timeout", drain_timeout, optional=True)
-    _checks.seconds("handshake_timeout", handshake_timeout)
-    _checks.seconds("idle_timeout", idle_timeout, optional=True)
-    check_connection_options(ssl_context, handshake_timeout, proxy_protocol, idle_timeout)
-    options = {"ssl_context": ssl_context, "handshake_timeout": handshake_timeout,
-               "proxy_protocol": proxy_protocol, "idle_timeout": idle_timeout,
-               # One process: take up to ACCEPT_BATCH connections per wake-up. Several
-               # processes on one socket: one each, so that connections spread over them.
-               "max_accepts_per_batch": 1 if additional_processes else ACCEPT_BATCH}
-    serve = functools.partial(_serve, listeners, handler, on_error, max_connections,
-                              drain_timeout=drain, options=options)
+    options = ServerOptions(
+        max_connections=max_connections, ssl_context=ssl_context,
+        handshake_timeout=handshake_timeout, proxy_protocol=proxy_protocol,
+        idle_timeout=idle_timeout, reclaim_idle=reclaim_idle,
+        # One process: take up to ACCEPT_BATCH connections per wake-up. Several
+        # processes on one socket: one each, so that connections spread over them.
+        max_accepts_per_batch=1 if additional_processes else ACCEPT_BATCH)
+    serve = functools.partial(_serve, listeners, handler, on_error, options,
+                              drain_timeout=drain)
     if not additional_processes:
         return serve(stop, abort)
     return _serve_with_children(serve, additional_processes, stop, abort)
@@ -255,10 +260,10 @@ def _serve_with_children(serve: Callable[[Any, Any], Any], count: int,
 
 
 def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], object],
-           on_error: OnError, max_connections: int | None, stop: Event | AsyncResult | None,
-           abort: Event | None, *, drain_timeout: float | None, options: dict[str, Any]) -> Any:
+           on_error: OnError, options: ServerOptions, stop: Event | AsyncResult | None,
+           abort: Event | None, *, drain_timeout: float | None) -> Any:
     def serve_one(sock: gsocket.socket, peer: Any) -> None:
-        flow = Flow(sock, peer=peer)
+        flow = Flow(sock, peer=peer, reclaimer=acceptor)
         try:
             handler(flow, peer)
         except Exception as exc:
@@ -271,8 +276,7 @@ def _serve(listeners: list[ListeningSocket], handler: Callable[[Flow, Any], obje
     name = f"run_server {' '.join(str(ls.address) for ls in listeners)}"
     broken: AsyncResult = AsyncResult()  # fails if a listening socket breaks
     with Switch(name=name) as sw:
-        acceptor = Acceptor([ls.socket for ls in listeners], serve_one,
-                            ServerOptions(max_connections=max_connections, **options), sw=sw,
+        acceptor = Acceptor([ls.socket for ls in listeners], serve_one, options, sw=sw,
                             on_error=lambda exc, peer: on_error(exc), name=name,
                             on_fatal=broken.set_exception)
         acceptor.start_accepting()

@@ -33,6 +33,7 @@ import socket as _stdsocket
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, NoReturn, Union
 
@@ -49,7 +50,7 @@ from .errors import (
     WriterBufferAgeExceeded,
     translate,
 )
-from .flow import DEFAULT_READ_SIZE
+from .flow import DEFAULT_READ_SIZE, Reclaimer
 
 __all__ = [
     "CLOSE_FLUSH_TIMEOUT",
@@ -127,10 +128,13 @@ class Reader:
     int raises ``TypeError``, one out of range ``ValueError``.
     """
 
-    __slots__ = ("_buf", "_closed", "_drained", "_eof", "_error", "_plain", "_pos", "_sock")
+    __slots__ = ("_buf", "_closed", "_drained", "_eof", "_error", "_idle", "_plain", "_pos",
+                 "_reclaimer", "_sock")
 
-    def __init__(self, sock: gsocket.socket) -> None:
+    def __init__(self, sock: gsocket.socket, *, reclaimer: Reclaimer | None = None) -> None:
         self._sock = sock
+        self._reclaimer = reclaimer  # the server that accepted it (see idle())
+        self._idle = False
         self._buf = bytearray()
         self._pos = 0          # bytes before this offset were consumed
         self._eof = False      # recv returned b"": it never returns data again
@@ -259,6 +263,43 @@ class Reader:
             raise StopIteration
         return line
 
+    @contextmanager
+    def idle(self) -> Iterator[None]:
+        """Say "this connection waits for the peer's next message" while inside.
+
+        A server at its connection limit with a client waiting may then close this
+        connection to admit that client (a read blocked inside returns end of file):
+        the longest idle first, one for each new client, and never one whose next
+        message has begun to arrive. Idle ends with the first byte received, or on
+        leaving the block; with bytes already buffered the connection is not idle at
+        all. For a line protocol::
+
+            while True:
+                with reader.idle():
+                    line = reader.read_line()   # None also when the server reclaimed it
+                if line is None:
+                    return
+                ...                             # the request: never reclaimed here
+
+        Outside a server (or with ``reclaim_idle=False``) it does nothing.
+        """
+        reclaimer = self._reclaimer
+        if reclaimer is None or self._idle or self._pos < len(self._buf):
+            yield
+            return
+        self._idle = True
+        reclaimer.reclaimable(self._sock)
+        try:
+            yield
+        finally:
+            self._busy()
+
+    def _busy(self) -> None:
+        if self._idle:
+            self._idle = False
+            assert self._reclaimer is not None
+            self._reclaimer.busy(self._sock)
+
     # -- closing ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -295,6 +336,8 @@ class Reader:
             self._error = new  # lets a server tell this socket's reset from others
             raise new from exc
         self._drained = self._plain and 0 < len(data) < size
+        if self._idle and data:
+            self._busy()  # the next message arrived: no longer idle
         return data
 
     def _fill(self) -> bool:

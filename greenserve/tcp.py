@@ -190,6 +190,7 @@ class Server:
         handshake_timeout: float = _tls.DEFAULT_HANDSHAKE_TIMEOUT,
         proxy_protocol: bool = False,
         idle_timeout: float | None = None,
+        reclaim_idle: bool = True,
     ) -> Server:
         """Listen on ``where`` and call ``handler(addr, reader, writer)`` for each
         connection, in its own fiber. ``addr`` is the peer's ``Tcp``/``Unix`` address (the
@@ -211,11 +212,15 @@ class Server:
         ``handshake_timeout``; the handler's ``addr`` is its source); ``idle_timeout``:
         a read or write waiting longer ends the connection quietly. All of these run in
         the connection's fiber, never in the accept loop (see docs/tcp.md).
+        ``reclaim_idle``: at ``max_connections``, with a client waiting, the connection
+        idle the longest among those whose handler waits inside
+        :meth:`Reader.idle <greenserve.stream.Reader.idle>` is closed to admit it;
+        ``False``: never.
         """
         age_limit = _checks.seconds("buffer_age_limit", buffer_age_limit, optional=True)
         options = _server_options(max_connections, max_accepts_per_batch,
                                   drop_incoming_connections, ssl_context, handshake_timeout,
-                                  proxy_protocol, idle_timeout)
+                                  proxy_protocol, idle_timeout, reclaim_idle)
         setup = _Setup("create", handler, on_handler_error, age_limit, sw, options)
         return cls._create(where, setup, backlog, socket)
 
@@ -306,7 +311,7 @@ class Server:
     def _serve_streams(self, sock: Any, peer: Any) -> None:
         writer = Writer(sock, self._age_limit,
                         on_failure=functools.partial(self._writer_failed, sock, peer))
-        reader = Reader(sock)
+        reader = Reader(sock, reclaimer=self._acceptor)
         try:
             self._handler(peer, reader, writer)
         except Exception as exc:
@@ -554,7 +559,7 @@ class Server:
 
 def _server_options(max_connections: object, max_accepts_per_batch: object, drop: object,
                     ssl_context: object, handshake_timeout: object, proxy_protocol: object,
-                    idle_timeout: object) -> ServerOptions:
+                    idle_timeout: object, reclaim_idle: object = False) -> ServerOptions:
     """The engine's options from create's arguments, checked (naming each)."""
     _checks.flag("drop_incoming_connections", drop)
     return ServerOptions(
@@ -564,7 +569,8 @@ def _server_options(max_connections: object, max_accepts_per_batch: object, drop
         ssl_context=ssl_context,  # type: ignore[arg-type]
         handshake_timeout=handshake_timeout,  # type: ignore[arg-type]
         proxy_protocol=proxy_protocol,  # type: ignore[arg-type]
-        idle_timeout=idle_timeout)  # type: ignore[arg-type]
+        idle_timeout=idle_timeout,  # type: ignore[arg-type]
+        reclaim_idle=reclaim_idle)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

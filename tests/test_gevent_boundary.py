@@ -193,3 +193,35 @@ def test_kernel_shutdown_raises_when_asked_to() -> None:
     with pytest.raises(OSError) as info:
         _gevent.kernel_shutdown(a, quiet=False)
     assert info.value.errno == errno.EBADF
+
+
+def test_has_unread_sees_bytes_and_end_of_file_without_waiting() -> None:
+    # What decides whether a keep-alive connection is idle (a stop, a reclaim) or has a
+    # request (or its end) to read.
+    server, client = gsocket.socketpair()
+    with server, client:
+        assert not _gevent.has_unread(server)
+        client.sendall(b"GET / HTTP/1.1\r\n")
+        assert _gevent.has_unread(server)
+        server.recv(100)
+        assert not _gevent.has_unread(server)
+        client.shutdown(socket.SHUT_WR)
+        assert _gevent.has_unread(server)  # end of file: the reader wakes up to it at once
+    assert not _gevent.has_unread(server)  # closed
+
+
+def test_bytes_received_counts_what_a_tcp_connection_received(certs: Any) -> None:
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = gsocket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    with listener, client, server:
+        assert _gevent.bytes_received(server) == 0
+        client.sendall(b"hello")
+        assert server.recv(5) == b"hello"
+        assert _gevent.bytes_received(server) == 5  # read or not, counted
+        a, b = gsocket.socketpair()
+        with a, b:
+            assert _gevent.bytes_received(a) is None  # not TCP: unknown
+    assert _gevent.bytes_received(server) is None  # closed

@@ -489,19 +489,3 @@ def test_import_greenserve_does_not_import_gunicorn() -> None:
             "assert not monkey.is_module_patched('socket')")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=DEADLINE,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def test_unread_bytes_are_seen_without_waiting() -> None:
-    # What decides, at a stop, whether a keep-alive connection is idle or has a request.
-    from greenserve.gunicorn import _has_unread_bytes
-
-    server, client = socket.socketpair()
-    with server, client:
-        assert not _has_unread_bytes(server)
-        client.sendall(b"GET / HTTP/1.1\r\n")
-        assert _has_unread_bytes(server)
-        server.recv(100)
-        assert not _has_unread_bytes(server)
-        client.shutdown(socket.SHUT_WR)
-        assert _has_unread_bytes(server)  # end of file: the reader wakes up to it at once
-    assert not _has_unread_bytes(server)  # closed

@@ -126,5 +126,6 @@ def test_stats_are_exact_after_a_scripted_run(face: str, monkeypatch: Any) -> No
         "handshake_errors": BAD_HEADERS,
         "idle_timeouts": IDLE,
         "peer_gone": GONE,
+        "reclaimed": 0,  # no handler here marks its connection reclaimable
     }
     assert gauge.started == served_ok + FAILING + GONE + IDLE
