@@ -642,24 +642,32 @@ class Acceptor:
     def _prepare(self, sock: gsocket.socket, peer: Any) -> tuple[Any, Any]:
         """PROXY header, TLS handshake, idle timeout: ``(None, peer)`` if rejected."""
         conn: Any = sock
+        kind = "PROXY header"
         try:
             if self.proxy_protocol:
                 info = read_proxy_header(sock, timeout=self.handshake_timeout)
                 peer = info.source if info.source is not None else peer
+            kind = "TLS handshake"
             if self.ssl_context is not None:
                 # Recorded before the handshake: the wrapper owns the fd from then on,
                 # and an abort during the handshake must shut the wrapper down.
                 conn = _tls.server_side(sock, self.ssl_context, self.handshake_timeout,
                                         functools.partial(self._wrapped_by, sock))
         except (OSError, ProxyProtocolError, ssl.SSLError) as exc:
-            self.stats["handshake_errors"] += 1
-            kind = "PROXY header" if isinstance(exc, ProxyProtocolError) else "TLS handshake"
-            self._log(logging.INFO, -1, "%s: %s from %s failed: %s; connection closed",
-                      self.name, kind, peer, exc)
+            self._preamble_failed(kind, peer, exc)
             return None, peer
         if self.idle_timeout is not None:
             conn.settimeout(self.idle_timeout)
         return conn, peer
+
+    def _preamble_failed(self, kind: str, peer: Any, exc: BaseException) -> None:
+        if isinstance(exc, _PEER_GONE):  # it left before saying anything: not an error
+            self.stats["peer_gone"] += 1
+            log.debug("%s: %s went away during its %s: %s", self.name, peer, kind, exc)
+            return
+        self.stats["handshake_errors"] += 1
+        self._log(logging.INFO, -1, "%s: %s from %s failed: %s; connection closed",
+                  self.name, kind, peer, exc)
 
     def _release(self, sock: gsocket.socket) -> None:
         sock.close()

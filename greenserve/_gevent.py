@@ -171,8 +171,28 @@ def tls_wrap(sock: gsocket.socket, ctx: ssl.SSLContext, *, server_side: bool,
              server_hostname: str | None) -> gssl.SSLSocket:
     """Wrap a connected gevent socket with ``ctx``, without a handshake yet. The wrapper
     takes over the fd: ``sock`` is detached (closed in gevent's eyes) on success."""
-    return gssl.SSLSocket(sock=sock, server_side=server_side, server_hostname=server_hostname,
-                          do_handshake_on_connect=False, _context=ctx)
+    try:
+        return gssl.SSLSocket(sock=sock, server_side=server_side,
+                              server_hostname=server_hostname,
+                              do_handshake_on_connect=False, _context=ctx)
+    except BaseException as exc:
+        _close_half_built(exc)
+        raise
+
+
+def _close_half_built(exc: BaseException) -> None:
+    # gevent's SSLSocket takes the fd over (detaching ``sock``) before it checks that the
+    # peer is connected; when that check raises (a peer that reset at once), the
+    # half-built wrapper would hold the fd until garbage collection. Its __init__ frame,
+    # in the traceback, still has it: close it now.
+    init = gssl.SSLSocket.__init__.__code__
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is init:
+            half = tb.tb_frame.f_locals.get("self")
+            if half is not None:
+                half.close()
+        tb = tb.tb_next
 
 
 def tls_send_nowait(tls: gssl.SSLSocket, data: Any) -> tuple[int, int]:

@@ -225,3 +225,33 @@ def test_bytes_received_counts_what_a_tcp_connection_received(certs: Any) -> Non
         with a, b:
             assert _gevent.bytes_received(a) is None  # not TCP: unknown
     assert _gevent.bytes_received(server) is None  # closed
+
+
+def test_tls_wrap_of_a_reset_connection_closes_the_fd_it_took(certs: Any) -> None:
+    # gevent's SSLSocket takes the fd over, then finds the peer gone and raises: the fd
+    # must be closed now, not left to the garbage collector.
+    import os
+    import struct
+
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = gsocket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    with listener:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset
+        with gevent.Timeout(5):
+            while True:  # until the reset arrived (without consuming its error)
+                try:
+                    server.getpeername()
+                except OSError:
+                    break
+                gevent.sleep(0.001)
+        fd = server.fileno()
+        with pytest.raises(OSError):
+            _gevent.tls_wrap(server, certs.server_context(), server_side=True,
+                             server_hostname=None)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed at once
+        server.close()
