@@ -16,11 +16,21 @@ Design rules (each one answers a trap of raw greenlets):
 - A fiber's exception is collected by the switch (the hub never prints it) and its
   value is the function's return value, never a ``GreenletExit``.
 - Fibers run in a copy of the forker's ``contextvars`` context.
-- Waiting at exit is shielded: an exception thrown into the waiting greenlet (an outer
-  switch's cancellation, ``KeyboardInterrupt``) cancels this switch, the wait goes on,
-  and the exception is raised once everything owned is gone. This is also how nesting
-  works: an outer switch cancels a fiber, the inner switch used in that fiber sees the
-  foreign ``Cancelled`` and cancels itself.
+- Every ``Cancelled`` a switch makes belongs to it (``_switch``): the body's, its fibers',
+  ``check()``'s, and a promise's or ``start``'s for a fiber it cancelled. Its own
+  ``Cancelled`` ends the switch quietly; one of an enclosing switch (the switch whose
+  body or fiber this switch was entered in, and so on up: ``_parent``) is that
+  switch's cancellation reaching this one, which cancels itself and lets it through;
+  one of any other switch (a promise read after its switch finished) is an error like
+  any other, never a cancellation of whatever it passes through.
+- Waiting at exit is shielded: an exception thrown into the waiting greenlet cancels
+  this switch and the wait goes on. Nothing thrown there is lost: a cancellation (an
+  enclosing switch's, a kill) is held and raised once everything owned is gone; anything
+  else (a ``gevent.Timeout`` firing, ``KeyboardInterrupt``) counts as a failure, as if
+  it had escaped the body. A held cancellation that is not the exception finally raised
+  (a failure wins) is thrown again into the greenlet at its next blocking point, while
+  it still applies. This is also how nesting works: an outer switch cancels a fiber,
+  the inner switch used in that fiber sees the outer ``Cancelled`` and cancels itself.
 - Release hooks run in a greenlet nobody cancels, so cleanup that blocks (a flush, a
   graceful close) is never cut short.
 """
@@ -52,6 +62,12 @@ _PENDING, _RUNNING, _KILLED = 0, 1, 2
 
 _names = itertools.count(1)
 
+# The switch whose body or fiber the current code runs in (None outside any): set by
+# ``__enter__`` (restored by ``__exit__``) and by a fiber that runs in a context copied
+# from another switch's code. Only read when a switch is entered, to know its parent.
+_current: contextvars.ContextVar[Switch | None] = contextvars.ContextVar(
+    "greenserve.switch", default=None)
+
 
 class _Closeable(Protocol):
     def close(self) -> object: ...
@@ -80,11 +96,13 @@ class ReleaseHook:
 class TaskStatus:
     """Passed as ``task_status=`` by :meth:`Switch.start`; call :meth:`started` once ready."""
 
-    __slots__ = ("_ready", "_started")
+    __slots__ = ("_abandoned", "_failure", "_ready", "_started")
 
     def __init__(self) -> None:
         self._ready: AsyncResult = AsyncResult()
         self._started = False
+        self._abandoned = False  # start() was interrupted: nobody waits for _ready
+        self._failure: BaseException | None = None  # what fn raised before started()
 
     def started(self, value: object = None) -> None:
         """Let :meth:`Switch.start` return ``value``. Raises ``RuntimeError`` if called twice."""
@@ -130,7 +148,7 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> 
 class Switch:
     """A group of fibers and resources with one lifetime.
 
-    ``with Switch() as sw:`` ... — see the module docstring and API.md section 4.
+    ``with Switch() as sw:`` ... — see the module docstring and docs/switch.md.
     Resource handling: everything ``attach``-ed or registered with ``on_release`` is
     released when the switch finishes, last registered first.
     Error handling: the first failure cancels every other fiber and the body, and is
@@ -159,6 +177,13 @@ class Switch:
         self._owner: Any = None  # the greenlet running the body
         self._body_running = False
         self._body_cancel: Cancelled | None = None
+        # The switch whose body or fiber this one was entered in: its cancellation
+        # reaching this switch is a cancellation, not an error.
+        self._parent: Switch | None = None
+        # Cancellations from outside (an enclosing switch's, a kill) that ended the
+        # body or were thrown into the wait at exit, in order; raised or thrown again.
+        self._outer: list[BaseException] = []
+        self._given_context: tuple[contextvars.Context, contextvars.Context] | None = None
 
     # -- public state -------------------------------------------------------------------
 
@@ -179,11 +204,15 @@ class Switch:
                 f"daemons={self._live_daemons} hooks={len(self._hooks)}>")
 
     def check(self) -> None:
-        """Raise ``RuntimeError`` if finished, ``Cancelled`` if cancelled; else nothing."""
+        """Raise ``RuntimeError`` if finished, ``Cancelled`` if cancelled; else nothing.
+
+        The ``Cancelled`` belongs to this switch: escaping the body, it ends the switch
+        without an error, as the body's own cancellation does.
+        """
         if self._finished:
             raise RuntimeError(f"{self!r} is finished")
         if self._cancelled:
-            raise Cancelled(f"{self!r} was cancelled")
+            raise self._cancelled_error("was cancelled")
 
     # -- fibers -------------------------------------------------------------------------
 
@@ -222,7 +251,19 @@ class Switch:
         status = TaskStatus()
         kw["task_status"] = status
         self._spawn(fn, args, kw, daemon=False, promise=None, status=status)
-        return status._ready.get()
+        try:
+            return status._ready.get()
+        except BaseException as exc:
+            self._start_interrupted(status, exc)
+            raise
+
+    def _start_interrupted(self, status: TaskStatus, exc: BaseException) -> None:
+        """``start`` raises ``exc`` rather than what ``fn`` reported (its caller was
+        cancelled first, or a Timeout fired): a failure of ``fn`` before ``started()``
+        would then reach nobody, so it fails the switch, now or when it happens."""
+        status._abandoned = True
+        if status._failure is not None and status._failure is not exc:
+            self._record_failure(status._failure)
 
     def _fork_owning(self, fn: Callable[..., Any], cleanup: Callable[..., object],
                      *args: Any, context: contextvars.Context | None = None) -> Greenlet:
@@ -254,7 +295,8 @@ class Switch:
         g = Greenlet(self._run_fiber, fn, args, kw, daemon, promise, status, cleanup)
         # The fiber runs in a copy of the forker's context (set as the greenlet's own
         # context: no Context.run frame on the fiber's stack, which every switch saves).
-        g.gr_context = contextvars.copy_context() if context is None else context.copy()
+        g.gr_context = (contextvars.copy_context() if context is None
+                        else self._as_current(context).copy())
         self._state[g] = _PENDING
         if daemon:
             self._daemons.add(g)
@@ -267,6 +309,17 @@ class Switch:
         g.start()
         return g
 
+    def _as_current(self, context: contextvars.Context) -> contextvars.Context:
+        """``context`` with this switch as the current one (see ``_current``), made once
+        per context given: the engine gives the same one for every connection, whose
+        fibers then need no ``ContextVar.set`` (a new context mapping each) of their own."""
+        given = self._given_context
+        if given is None or given[0] is not context:
+            derived = context.copy()
+            derived.run(_current.set, self)
+            given = self._given_context = (context, derived)
+        return given[1]
+
     def _run_fiber(self, fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any],
                    daemon: bool, promise: AsyncResult | None,
                    status: TaskStatus | None, cleanup: Callable[..., object] | None) -> Any:
@@ -277,10 +330,15 @@ class Switch:
                 cleanup(*args)
             return None
         self._state[me] = _RUNNING
+        if _current.get() is not self:  # forked from another switch's code (or the hub)
+            _current.set(self)  # the fiber's own context: nothing leaks back
         try:
             result = _call(fn, args, kw)
-        except GreenletExit as exc:  # Cancelled, or a direct kill(): not a failure
-            self._fiber_cancelled(exc, promise, status)
+        except GreenletExit as exc:
+            if self._is_cancellation(exc):  # ours, an enclosing one's, or a kill()
+                self._fiber_cancelled(exc, promise, status)
+            else:  # another switch's Cancelled (its promise read late): an error
+                self._fiber_failed(exc, promise, status)
             return None
         except BaseException as exc:
             self._fiber_failed(exc, promise, status)
@@ -292,7 +350,9 @@ class Switch:
         return result
 
     def _never_ran(self, promise: AsyncResult | None, status: TaskStatus | None) -> None:
-        exc = Cancelled(f"{self!r} was cancelled before the fiber started")
+        if promise is None and status is None:
+            return
+        exc = self._cancelled_error("was cancelled before the fiber started")
         if promise is not None:
             promise.set_exception(exc)
         if status is not None:
@@ -300,7 +360,12 @@ class Switch:
 
     def _fiber_cancelled(self, exc: GreenletExit, promise: AsyncResult | None,
                          status: TaskStatus | None) -> None:
-        cancelled = exc if isinstance(exc, Cancelled) else Cancelled(str(exc))
+        if promise is None and (status is None or status._started):
+            return
+        # A kill() that belongs to no switch is reported as ours: the promise's
+        # Cancelled, unhandled in our body, then ends the switch like our own.
+        cancelled = exc if _owner(exc) is not None else self._cancelled_error(
+            f"had a fiber killed ({exc!r})")
         if promise is not None:
             promise.set_exception(cancelled)
         elif status is not None and not status._started:
@@ -310,7 +375,8 @@ class Switch:
                       status: TaskStatus | None) -> None:
         if promise is not None:
             promise.set_exception(exc)
-        elif status is not None and not status._started:
+        elif status is not None and not status._started and not status._abandoned:
+            status._failure = exc  # start() raises it in its caller
             status._fail(exc)
         else:
             self._record_failure(exc)
@@ -363,12 +429,42 @@ class Switch:
 
     def _deliver(self, g: Greenlet) -> None:
         if not g.dead:
-            g.throw(Cancelled(f"{self!r} was cancelled"))
+            g.throw(self._cancelled_error("was cancelled"))
 
     def _cancel_body(self) -> None:
         if self._body_running and self._body_cancel is None:
-            self._body_cancel = Cancelled(f"{self!r} was cancelled")
+            self._body_cancel = self._cancelled_error("was cancelled")
             gevent.get_hub().loop.run_callback(self._deliver_body)
+
+    def _cancelled_error(self, why: str) -> Cancelled:
+        """A ``Cancelled`` that belongs to this switch (see :func:`_owner`)."""
+        exc = Cancelled(f"{self!r} {why}")
+        exc._switch = self
+        return exc
+
+    def _within(self, other: Switch) -> bool:
+        """True if this switch is ``other`` or was entered (transitively) in the body or
+        a fiber of ``other``: ``other``'s cancellation reaches this switch."""
+        sw: Switch | None = self
+        while sw is not None:
+            if sw is other:
+                return True
+            sw = sw._parent
+        return False
+
+    def _is_cancellation(self, exc: BaseException) -> bool:
+        """True if ``exc`` cancels what runs in this switch: a ``GreenletExit`` of no
+        switch (a kill), or a ``Cancelled`` of this switch or of one it runs within.
+        Another switch's ``Cancelled`` here is an error, not a cancellation."""
+        if not isinstance(exc, GreenletExit):
+            return False
+        owner = _owner(exc)
+        return owner is None or self._within(owner)
+
+    def _reaches(self, g: Any) -> bool:
+        """True while this switch's cancellation still applies to greenlet ``g``: the
+        body runs in ``g``, or ``g`` is one of its fibers."""
+        return (self._body_running and self._owner is g) or g in self._state
 
     def _deliver_body(self) -> None:
         if self._body_running and not self._owner.dead:
@@ -407,23 +503,28 @@ class Switch:
             raise RuntimeError(f"{self!r} was already entered: make a new Switch")
         self._entered = True
         self._owner = getcurrent()
+        self._parent = _current.get()
+        _current.set(self)
         self._body_running = True
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> bool:
         self._body_running = False
-        outer: BaseException | None = None
-        if ev is not None and ev is not self._body_cancel:
-            if isinstance(ev, GreenletExit):  # an outer switch (or a kill) cancels us
-                outer = ev
-                self.cancel()
-            else:
-                self._record_failure(ev)
-        thrown = self._finish()
-        if outer is None:
-            outer = thrown
-        return self._outcome(ev, outer)
+        _current.set(self._parent)
+        if ev is not None:
+            self._body_ended_by(ev)
+        self._finish()
+        return self._outcome(ev)
+
+    def _body_ended_by(self, ev: BaseException) -> None:
+        if _owner(ev) is self:
+            self.cancel()  # our own Cancelled (body, check(), a promise): swallowed
+        elif self._is_cancellation(ev):
+            self._outer.append(ev)  # an enclosing switch (or a kill) cancels us
+            self.cancel()
+        else:
+            self._record_failure(ev)
 
     @classmethod
     def run(cls, fn: Callable[..., T], *args: Any, **kw: Any) -> T | None:
@@ -445,24 +546,23 @@ class Switch:
     def _close(self) -> None:
         """Finish a detached switch: wait for fibers, cancel daemons, release; raise
         what failed. Must not be called from one of its own fibers."""
-        thrown = self._finish()
-        self._outcome(None, thrown)
+        self._finish()
+        self._outcome(None)
 
-    def _finish(self) -> BaseException | None:
-        thrown = self._wait_shielded(self._fibers_done)
+    def _finish(self) -> None:
+        self._wait_shielded(self._fibers_done)
         self._closing = True
         for g in list(self._daemons):
             if self._state.get(g) == _RUNNING:
                 self._kill(g)
-        thrown = self._wait_shielded(self._daemons_done) or thrown
+        self._wait_shielded(self._daemons_done)
         self._releasing = True
         if self._hooks:
             hooks = list(self._hooks.values())
             self._hooks.clear()
             runner = gevent.spawn(self._run_hooks, reversed(hooks))
-            thrown = self._wait_shielded(runner) or thrown
+            self._wait_shielded(runner)
         self._finished = True
-        return thrown
 
     def _run_hooks(self, hooks: Any) -> None:
         for hook in hooks:
@@ -473,34 +573,71 @@ class Switch:
             except BaseException as exc:
                 self._failures.append(exc)
 
-    def _wait_shielded(self, waitable: Event | Greenlet) -> BaseException | None:
-        thrown: BaseException | None = None
+    def _wait_shielded(self, waitable: Event | Greenlet) -> None:
         while not (waitable.dead if isinstance(waitable, Greenlet) else waitable.is_set()):
             try:
                 waitable.join() if isinstance(waitable, Greenlet) else waitable.wait()
             except BaseException as exc:
-                if exc is self._body_cancel:
-                    continue  # our own cancellation arrived late: the body already ended
-                if thrown is None:
-                    thrown = exc
-                self.cancel()
-        return thrown
+                self._thrown_at_exit(exc)
 
-    def _outcome(self, ev: BaseException | None, outer: BaseException | None) -> bool:
-        failures = self._failures
-        bare = [e for e in [*failures, outer] if isinstance(e, (KeyboardInterrupt, SystemExit))]
-        if bare:
-            return self._reraise(bare[0], ev)
-        if len(failures) == 1:
-            return self._reraise(failures[0], ev)
-        if failures:
-            raise BaseExceptionGroup(f"{self.name}: {len(failures)} failures", list(failures))
-        if outer is not None:
-            return self._reraise(outer, ev)
-        return ev is not None  # our own Cancelled from the body is swallowed here
+    def _thrown_at_exit(self, exc: BaseException) -> None:
+        """Keep what was thrown into the wait at exit: every one of them is honoured."""
+        if _owner(exc) is self:
+            return  # our own cancellation arrived late: the body already ended
+        if self._is_cancellation(exc):
+            self._outer.append(exc)
+            self.cancel()
+        else:  # a gevent.Timeout firing, KeyboardInterrupt: as if it escaped the body
+            self._record_failure(exc)
 
-    @staticmethod
-    def _reraise(exc: BaseException, ev: BaseException | None) -> bool:
-        if exc is ev:
+    def _outcome(self, ev: BaseException | None) -> bool:
+        raised = self._to_raise()
+        held, self._outer = self._outer, []
+        _throw_again(getcurrent(), held, raised)
+        if raised is None:
+            return ev is not None  # our own Cancelled from the body is swallowed here
+        if raised is ev:
             return False  # let Python re-raise it with its own traceback
-        raise exc
+        raise raised
+
+    def _to_raise(self) -> BaseException | None:
+        """Failures first (``KeyboardInterrupt``/``SystemExit`` bare, one failure as is,
+        several as a group), else the first cancellation from outside, else nothing."""
+        failures = self._failures
+        bare = [e for e in failures if isinstance(e, (KeyboardInterrupt, SystemExit))]
+        if bare:
+            return bare[0]
+        if len(failures) == 1:
+            return failures[0]
+        if failures:
+            return BaseExceptionGroup(f"{self.name}: {len(failures)} failures", list(failures))
+        return self._outer[0] if self._outer else None
+
+
+def _owner(exc: BaseException) -> Switch | None:
+    """The switch a ``Cancelled`` belongs to, set by ``Switch._cancelled_error`` (None:
+    a kill, one made by hand, any other exception)."""
+    owner = getattr(exc, "_switch", None)
+    return owner if isinstance(owner, Switch) else None
+
+
+def _throw_again(g: Any, held: list[BaseException], raised: BaseException | None) -> None:
+    """Throw each held cancellation that is not ``raised`` into ``g`` again, at its next
+    blocking point: one that arrived while a switch waited at exit behind a failure or a
+    ``gevent.Timeout`` must not be lost (the caller may catch those and go on). One per
+    switch: the one raised (or an earlier one) already carries that switch's."""
+    carried = [_owner(raised)] if raised is not None else []
+    for exc in held:
+        owner = _owner(exc)
+        if exc is raised or (owner is not None and any(owner is o for o in carried)):
+            continue
+        carried.append(owner)
+        gevent.get_hub().loop.run_callback(_deliver_again, g, exc)
+
+
+def _deliver_again(g: Any, exc: BaseException) -> None:
+    # Only while it still applies: the switch's body still runs in g, or g is still its
+    # fiber (a kill applies while g lives).
+    owner = _owner(exc)
+    if not g.dead and (owner is None or owner._reaches(g)):
+        g.throw(exc)

@@ -1,4 +1,4 @@
-"""greenserve.Switch: every numbered rule of API.md section 4 and the greenlet traps."""
+"""greenserve.Switch: every numbered rule of docs/switch.md and the greenlet traps."""
 
 from __future__ import annotations
 
@@ -577,6 +577,36 @@ def test_failure_after_started_fails_switch() -> None:
     assert info.value is err
 
 
+def test_start_failure_is_not_lost_when_the_caller_is_cancelled_first() -> None:
+    # Found by tests/test_switch_properties.py: fn cancels the switch, then fails
+    # before started(); start()'s caller gets the body's Cancelled first, so the
+    # failure must fail the switch instead of going to start() (it was lost).
+    err = Boom("setup")
+
+    def fn(sw: Switch, task_status: object) -> None:
+        sw.cancel()
+        raise err
+
+    with pytest.raises(Boom) as info, Switch() as sw:
+        sw.start(fn, sw)
+    assert info.value is err
+
+
+def test_start_failure_after_the_caller_gave_up_fails_the_switch() -> None:
+    err = Boom("setup")
+    go = Event()
+
+    def fn(task_status: object) -> None:
+        go.wait()
+        raise err  # start() is no longer waiting: nobody else would see this
+
+    with pytest.raises(Boom) as info, Switch() as sw:
+        with gevent.Timeout(0.001, False):
+            sw.start(fn)
+        go.set()
+    assert info.value is err
+
+
 def test_directly_killed_fiber_does_not_hang_the_switch() -> None:
     with Switch() as sw:
         g = sw.fork(lambda: Event().wait())
@@ -606,3 +636,299 @@ def test_fibers_get_exactly_their_arguments(n: int) -> None:
         with_kw = sw.fork_promise(collect, *args, key="value")
     assert plain.get() == (args, {})
     assert with_kw.get() == (args, {"key": "value"})
+
+
+# -- a Cancelled belongs to its switch (check, start, promise after cancel) --------------
+
+
+def test_check_after_cancel_exits_normally() -> None:
+    after: list[str] = []
+    with Switch() as sw:
+        sw.cancel()
+        sw.check()  # raises this switch's own Cancelled...
+        after.append("not reached")
+    # ...which its with block swallows, like the body's cancellation
+    assert after == [] and sw.cancelled and sw.finished
+
+
+def test_switch_run_returns_none_when_check_raises() -> None:
+    def body(sw: Switch) -> int:
+        sw.cancel()
+        sw.check()
+        return 1
+
+    assert Switch.run(body) is None
+
+
+@pytest.mark.parametrize("how", ["check", "start", "promise"])
+def test_own_cancelled_raised_while_handling_the_cancellation_is_swallowed(how: str) -> None:
+    # The body's cancellation is delivered once; code cleaning up after it that calls
+    # check(), start() or a promise's get() gets another Cancelled of the same switch.
+    def fn(task_status: object) -> None:
+        task_status.started()  # type: ignore[attr-defined]
+
+    cleanup: list[str] = []
+    with Switch() as sw:
+        promise = sw.fork_promise(Event().wait)
+        gevent.sleep(0)
+        sw.cancel()
+        try:
+            Event().wait()
+        except Cancelled:
+            cleanup.append("body cancelled")
+            if how == "check":
+                sw.check()
+            elif how == "start":
+                sw.start(fn)  # the fiber never runs: the switch is cancelled
+            else:
+                promise.get()  # its fiber was cancelled
+            cleanup.append("not reached")
+    assert cleanup == ["body cancelled"] and sw.cancelled
+
+
+def test_inner_check_does_not_cancel_the_outer_switch() -> None:
+    log: list[str] = []
+    with Switch(name="outer") as outer:
+        with Switch(name="inner") as inner:
+            inner.cancel()
+            inner.check()
+        log.append("after the inner switch")
+        outer.fork(log.append, "outer still forks")
+    assert log == ["after the inner switch", "outer still forks"]
+    assert inner.cancelled and not outer.cancelled
+
+
+def test_enclosing_switch_check_unwinds_the_inner_one_and_is_swallowed_by_its_own() -> None:
+    log: list[str] = []
+    with Switch(name="outer") as outer:
+        with Switch(name="inner") as inner:
+            inner.on_release(log.append, "inner released")
+            outer.cancel()
+            outer.check()
+        log.append("not reached")
+    assert log == ["inner released"] and inner.cancelled and outer.cancelled
+
+
+def test_enclosing_switch_check_in_a_nested_fiber_is_a_cancellation() -> None:
+    # outer -> fiber -> middle switch -> its fiber calls outer.check(): outer encloses
+    # that fiber, so its Cancelled just ends it (no failure anywhere).
+    def grandchild() -> None:
+        outer.cancel()
+        outer.check()
+
+    def middle() -> None:
+        with Switch(name="middle") as mid:
+            mid.fork(grandchild)
+
+    with Switch(name="outer") as outer:
+        outer.fork(middle)
+    assert outer.cancelled and outer.finished
+
+
+def test_cancelled_of_a_finished_switch_is_an_error_in_a_fiber() -> None:
+    # The promise of a switch that finished raises that switch's Cancelled: nothing
+    # will swallow it, and the fiber reading it is not cancelled, it failed.
+    with Switch(name="inner") as inner:
+        promise = inner.fork_promise(Event().wait)
+        gevent.sleep(0)
+        inner.cancel()
+
+    with pytest.raises(Cancelled) as info, Switch(name="outer") as outer:
+        outer.fork(promise.get)
+    assert "inner" in str(info.value) and outer.cancelled
+
+
+def test_cancelled_of_a_finished_switch_is_an_error_in_a_body() -> None:
+    err = Boom("fiber")
+
+    def failing() -> None:
+        gevent.sleep(0)
+        raise err
+
+    with Switch(name="inner") as inner:
+        promise = inner.fork_promise(Event().wait)
+        inner.cancel()
+    # Reported with the other failure (a cancellation would have been left out).
+    with pytest.raises(BaseExceptionGroup) as info, Switch(name="outer") as outer:
+        outer.fork(failing)
+        gevent.sleep(0)
+        promise.get()
+    kinds = [type(e) for e in info.value.exceptions]
+    assert kinds == [Cancelled, Boom] and outer.cancelled
+
+
+# -- nothing thrown into the wait at exit is lost ----------------------------------------
+
+
+def _join_bounded(g: gevent.Greenlet, *drivers: gevent.Greenlet) -> gevent.Greenlet:
+    """Wait for ``g``; fail (instead of hanging) if it blocks for good. ``drivers``
+    (plain greenlets, so that no switch cancels them) are joined too."""
+    g.join(timeout=5)
+    for driver in drivers:
+        driver.join(timeout=1)
+    if not g.dead:
+        gevent.killall([g, *drivers])
+        pytest.fail("blocked forever: a cancellation was lost")
+    return g
+
+
+def test_outer_cancellation_after_a_timeout_during_the_wait_for_fibers() -> None:
+    # A Timeout fires into the inner switch's wait at exit, then the outer switch fails
+    # (its Cancelled is thrown into the same wait). The Timeout is raised (its with
+    # block catches it); the outer Cancelled must then reach the body.
+    err = Boom("worker")
+    log: list[str] = []
+    timed_out, release = Event(), Event()
+
+    def inner_fiber() -> None:
+        try:
+            Event().wait()
+        except Cancelled:
+            timed_out.set()  # the Timeout reached the inner wait and cancelled it
+            release.wait()   # a cleanup that blocks: the inner switch keeps waiting
+            raise
+
+    def watchdog() -> None:
+        timed_out.wait()
+        outer.fail(err)   # the outer Cancelled is thrown into the waiting body...
+        gevent.sleep(0)   # ...before this runs again (hub callbacks run in order)
+        release.set()
+
+    outer = Switch(name="outer")
+
+    def body() -> None:
+        with outer:
+            with gevent.Timeout(0.001, False), Switch(name="inner") as inner:
+                inner.fork(inner_fiber)
+            log.append("timeout caught")
+            try:
+                Event().wait()
+            except Cancelled:
+                log.append("body cancelled")
+                raise
+
+    g = _join_bounded(gevent.spawn(body), gevent.spawn(watchdog))
+    assert log == ["timeout caught", "body cancelled"]
+    assert g.exception is err
+
+
+def test_issue_13_outer_failure_during_a_slow_release_hook_under_a_timeout() -> None:
+    # The reproduction of the issue: the worker fails at 0.1 s while the inner switch
+    # runs a 0.3 s release hook inside a 0.05 s Timeout. (Whatever order the timers
+    # fire in, the body must end up cancelled.)
+    log: list[str] = []
+
+    def worker() -> None:
+        gevent.sleep(0.1)
+        raise Boom("worker")
+
+    def body() -> None:
+        with Switch(name="outer") as outer:
+            outer.fork(worker)
+            with gevent.Timeout(0.05, False), Switch(name="inner") as inner:
+                inner.on_release(gevent.sleep, 0.3)
+            log.append(f"after inner, outer cancelled: {outer.cancelled}")
+            try:
+                Event().wait()
+            except Cancelled:
+                log.append("body cancelled")
+                raise
+
+    g = _join_bounded(gevent.spawn(body))
+    assert log == ["after inner, outer cancelled: True", "body cancelled"]
+    assert isinstance(g.exception, Boom)
+
+
+def _expire(timeout: gevent.Timeout, g: gevent.Greenlet) -> None:
+    """What the hub does when a Timeout's timer expires: throw it into its greenlet
+    from a hub callback (done by hand to fix the order of events)."""
+    gevent.get_hub().loop.run_callback(g.throw, timeout)
+
+
+def test_timeout_arriving_after_the_outer_cancellation_is_raised_then_the_cancellation() -> None:
+    log: list[str] = []
+    hook_started, release = Event(), Event()
+
+    def hook() -> None:
+        hook_started.set()
+        release.wait()
+
+    outer = Switch(name="outer")
+    timeout = gevent.Timeout(None, False)  # expired by hand below
+
+    def driver() -> None:
+        hook_started.wait()
+        outer.cancel()           # first: the outer Cancelled, held by the inner wait
+        _expire(timeout, g)      # then the Timeout, thrown into the same wait
+        gevent.sleep(0)
+        release.set()
+
+    def body() -> None:
+        with outer:
+            with timeout, Switch(name="inner") as inner:
+                inner.on_release(hook)
+            log.append("timeout caught")  # the Timeout is raised (not lost)...
+            try:
+                Event().wait()
+            except Cancelled:
+                log.append("body cancelled")  # ...and the cancellation comes next
+                raise
+
+    g = gevent.spawn(body)
+    _join_bounded(g, gevent.spawn(driver))
+    assert log == ["timeout caught", "body cancelled"] and g.exception is None
+
+
+def test_outer_cancellation_held_behind_an_inner_failure_is_not_lost() -> None:
+    # The inner switch raises its failure; the outer Cancelled that reached its wait
+    # meanwhile must not be lost when the body catches that failure and goes on.
+    err = Boom("inner")
+    log: list[str] = []
+
+    def inner_fiber(outer: Switch) -> None:
+        outer.cancel()    # the outer Cancelled is thrown into the waiting body...
+        gevent.sleep(0)   # ...before this fiber runs again
+        raise err
+
+    def body() -> None:
+        with Switch(name="outer") as outer:
+            try:
+                with Switch(name="inner") as inner:
+                    inner.fork(inner_fiber, outer)
+            except Boom as exc:
+                log.append(f"caught {exc}")
+            try:
+                Event().wait()
+            except Cancelled:
+                log.append("body cancelled")
+                raise
+
+    g = _join_bounded(gevent.spawn(body))
+    assert log == ["caught inner", "body cancelled"] and g.exception is None
+
+
+def test_keyboard_interrupt_and_outer_cancellation_in_the_wait() -> None:
+    # KeyboardInterrupt wins (bare); the outer switch still ends, cancelled. (Run in
+    # this greenlet: gevent re-raises a KeyboardInterrupt ending a spawned one here.)
+    hook_started, release = Event(), Event()
+    main = gevent.getcurrent()
+    outer = Switch(name="outer")
+
+    def driver() -> None:
+        hook_started.wait()
+        gevent.get_hub().loop.run_callback(main.throw, KeyboardInterrupt())
+        outer.cancel()
+        gevent.sleep(0)
+        release.set()
+
+    def hook() -> None:
+        hook_started.set()
+        release.wait()
+
+    helper = gevent.spawn(driver)
+    # (The Timeout makes a lost cancellation fail the test instead of hanging it.)
+    with gevent.Timeout(5), pytest.raises(KeyboardInterrupt), outer, \
+            Switch(name="inner") as inner:
+        inner.on_release(hook)
+    helper.join()
+    assert outer.cancelled and outer.finished
