@@ -33,6 +33,16 @@ Design rules (each one answers a trap of raw greenlets):
   the inner switch used in that fiber sees the outer ``Cancelled`` and cancels itself.
 - Release hooks run in a greenlet nobody cancels, so cleanup that blocks (a flush, a
   graceful close) is never cut short.
+
+The engine's interface: beyond the public API, the server engine and the faces
+(``_acceptor``, ``net``, ``tcp``, ``server``, ``gunicorn``) may call exactly these, and
+nothing else private (tests/test_architecture.py enforces it):
+
+- ``sw._fork_owning(fn, cleanup, *args, context=None)``: fork a connection's fiber whose
+  ``args`` (its socket) are released by ``cleanup`` if it never runs;
+- ``sw._cancel_fiber(g)``: cancel one fiber (a connection the engine aborts);
+- ``Switch._detached(name)`` and ``sw._close()``: a switch with no body, owned by a
+  server object and finished when that server stops.
 """
 
 from __future__ import annotations
