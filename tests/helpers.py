@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,13 +46,25 @@ def recv_all(sock: gsocket.socket) -> bytes:
         chunks.append(data)
 
 
-def closed_by_server(sock: gsocket.socket) -> bool:
-    """True once the server closed: end of file, or a reset (it closed with unread data)."""
+def closed_by_server(sock: socket.socket | gsocket.socket, timeout: float = 5.0) -> bool:
+    """True if the server closed the connection within ``timeout`` seconds: end of file,
+    or a reset (it closed with data unread). False if it is still open then. What the
+    server sends before closing (a TLS alert) is read and dropped. The socket's own
+    timeout is left as it was."""
+    deadline = time.monotonic() + timeout
+    previous = sock.gettimeout()
     try:
-        recv_all(sock)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                return True
     except ConnectionResetError:
+        return True
+    except TimeoutError:  # socket.timeout: nothing arrived, not even end of file
         pass
-    return True
+    finally:
+        sock.settimeout(previous)
+    return False
 
 
 def make_acceptor(listeners: list[Any], handler: Any, *, sw: Switch, **kw: Any) -> Any:

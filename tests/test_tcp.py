@@ -931,7 +931,7 @@ def test_on_handler_error_raise_with_a_switch_fails_the_switch() -> None:
         server = tcp.Server.create(LOCAL, failing_on(b"fail", boom), sw=sw)
         with dial(server) as c:
             c.sendall(b"fail\n")
-            closed_by_server(c)
+            assert closed_by_server(c)
         # Cancelled here if the failure reached the switch; else a bounded failure.
         assert server.close_finished.wait(TIMEOUT)
     assert info.value is boom

@@ -1,10 +1,14 @@
-"""The leak check that runs around every test (conftest's ``no_leaks``) fails a test that
+"""What guards the suite itself.
+
+The leak check that runs around every test (conftest's ``no_leaks``) fails a test that
 leaves an fd open or a greenlet running, and only then: what was there before the test,
 and what the test left to the collector or to a close still pending, is not a leak.
-
-These tests run the check themselves (``LeakCheck``, what the fixture runs): it cannot
+Its tests run the check themselves (``LeakCheck``, what the fixture runs): it cannot
 nest (it freezes the collector's generations), so the fixture is off for them, and each
 test cleans up what it leaked on purpose.
+
+``helpers.closed_by_server``, which many tests assert, is false for a connection the
+server keeps open.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ import pytest
 from gevent.event import Event
 
 from .conftest import LeakCheck, _open_fds
-
-pytestmark = pytest.mark.no_leak_check
+from .helpers import closed_by_server, reset
 
 SETTLE = 0.05  # the fixture's is 2 s: these leaks are real, waiting longer changes nothing
 
+# The leak check cannot nest: the fixture is off for the tests that run it.
+runs_the_check = pytest.mark.no_leak_check
 
+
+@runs_the_check
 def test_an_fd_left_open_fails_the_check() -> None:
     check = LeakCheck()
     leaked = socket.socket()
@@ -38,6 +45,7 @@ def test_an_fd_left_open_fails_the_check() -> None:
     assert gc.get_freeze_count() == 0
 
 
+@runs_the_check
 def test_a_greenlet_left_running_fails_the_check() -> None:
     check = LeakCheck()
     never = Event()
@@ -51,6 +59,7 @@ def test_a_greenlet_left_running_fails_the_check() -> None:
     assert leaked.dead and gc.get_freeze_count() == 0
 
 
+@runs_the_check
 def test_a_greenlet_started_at_the_very_end_is_seen() -> None:
     check = LeakCheck()
     leaked = gevent.spawn_later(60, lambda: None)  # not started when the test ends
@@ -62,6 +71,7 @@ def test_a_greenlet_started_at_the_very_end_is_seen() -> None:
     assert leaked.dead
 
 
+@runs_the_check
 def test_what_was_there_before_and_what_is_let_go_is_no_leak() -> None:
     older_sock = socket.socket()
     older = gevent.spawn(Event().wait)
@@ -87,6 +97,7 @@ def test_what_was_there_before_and_what_is_let_go_is_no_leak() -> None:
         older_sock.close()
 
 
+@runs_the_check
 def test_nothing_left_takes_the_fast_path() -> None:
     # Nothing made and left: no collection (the frozen heap is not even scanned).
     fds = _open_fds()
@@ -102,3 +113,30 @@ def test_nothing_left_takes_the_fast_path() -> None:
     finally:
         gc.enable()
     assert _open_fds() == fds
+
+
+# -- closed_by_server --------------------------------------------------------------------
+
+
+def test_closed_by_server_is_false_while_the_server_keeps_the_connection_open() -> None:
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        with socket.create_connection(lsock.getsockname(), timeout=10) as c:
+            server, _ = lsock.accept()
+            with server:
+                server.sendall(b"data, then nothing")
+                assert closed_by_server(c, timeout=0.05) is False
+                assert c.gettimeout() == 10  # left as it was
+                server.close()
+                assert closed_by_server(c) is True
+
+
+def test_closed_by_server_is_true_for_a_reset() -> None:
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        with socket.create_connection(lsock.getsockname(), timeout=10) as c:
+            server, _ = lsock.accept()
+            reset(server)
+            assert closed_by_server(c, timeout=0.05) is True
