@@ -593,9 +593,24 @@ def test_flush_waits_until_everything_is_in_the_kernel(stall_pair: Pair) -> None
 
 
 def test_flush_on_an_idle_writer_returns_at_once(pair: Pair) -> None:
-    a, _ = pair
+    # "At once": without yielding to the hub, so a greenlet spawned just before (it runs
+    # at the hub's next turn) has not run when flush returns.
+    a, b = pair
     writer = Writer(a)
-    writer.flush()
+
+    def flush_without_yielding() -> None:
+        ran: list[bool] = []
+        other = gevent.spawn(ran.append, True)
+        writer.flush()
+        assert ran == []
+        other.join()  # and it does run once this greenlet yields
+        assert ran == [True]
+
+    flush_without_yielding()  # nothing written yet
+    writer.write(b"sent")
+    writer.flush()  # waits for the hub to send it
+    flush_without_yielding()  # everything written is sent
+    assert recv_exactly(b, 4) == b"sent"
     writer.close()
 
 
