@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -65,6 +66,17 @@ def closed_by_server(sock: socket.socket | gsocket.socket, timeout: float = 5.0)
     finally:
         sock.settimeout(previous)
     return False
+
+
+def shut_down_reading(sock: Any) -> None:
+    """``shutdown(SHUT_RD)`` on ``sock``'s kernel socket, through a duplicate of its fd
+    (shutdown acts on the socket that both fds share), closed afterwards. A listening
+    socket so shut down fails ``accept`` with ``EINVAL``: broken under its server."""
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        dup.shutdown(socket.SHUT_RD)
+    finally:
+        dup.close()
 
 
 def make_acceptor(listeners: list[Any], handler: Any, *, sw: Switch, **kw: Any) -> Any:

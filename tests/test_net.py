@@ -32,7 +32,7 @@ from greenserve import (
 )
 from greenserve.flow import Flow
 
-from .helpers import client, recv_all
+from .helpers import client, recv_all, shut_down_reading
 
 # -- listen ------------------------------------------------------------------------------------
 
@@ -494,7 +494,7 @@ def test_run_server_raises_when_its_listening_socket_breaks(with_stop: bool) -> 
         server = sw.fork(serve, lsock)
         c = client(lsock.address.port)
         in_handler.wait()
-        lsock.socket._sock.shutdown(socket.SHUT_RD)  # the kernel: accept() -> EINVAL
+        shut_down_reading(lsock.socket)  # the kernel: accept() -> EINVAL
         gevent.idle()  # the hub saw the listener readable, accept failed
         assert not server.dead and not outcome  # the handler is still running
         may_finish.set()

@@ -26,7 +26,7 @@ from gevent.pool import Group, Pool
 from greenserve import Cancelled, Tcp, Unix
 from greenserve.server import ABORT_GRACE, StreamServer
 
-from .helpers import client, closed_by_server, recv_all
+from .helpers import client, closed_by_server, recv_all, shut_down_reading
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -813,6 +813,6 @@ def test_a_broken_listening_socket_stops_serve_forever() -> None:
     server = StreamServer(("127.0.0.1", 0), lambda sock, addr: None)
     runner = gevent.spawn(server.serve_forever)
     gevent.idle()
-    server.socket._sock.shutdown(socket.SHUT_RD)
+    shut_down_reading(server.socket)
     runner.get(timeout=5)
     assert server.closed

@@ -49,7 +49,7 @@ from greenserve import (
     tcp,
 )
 
-from .helpers import closed_by_server, recv_all
+from .helpers import closed_by_server, recv_all, shut_down_reading
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -1622,7 +1622,7 @@ def test_a_broken_listening_socket_closes_the_server_and_is_raised(mode: str) ->
                                    lambda addr, sock: None, on_handler_error=mode)
     runner = gevent.spawn(server.serve_forever)
     gevent.idle()
-    server.listening_socket._sock.shutdown(socket.SHUT_RD)
+    shut_down_reading(server.listening_socket)
     with pytest.raises(OSError) as info:
         runner.get(timeout=5)
     assert info.value.errno == errno.EINVAL
@@ -1635,7 +1635,7 @@ def test_a_broken_listening_socket_fails_the_servers_switch() -> None:
     with pytest.raises(OSError) as info, Switch() as sw:
         server = tcp.Server.create_sock(tcp.WhereToListen.bind_to("127.0.0.1", 0),
                                         lambda addr, sock: None, sw=sw)
-        server.listening_socket._sock.shutdown(socket.SHUT_RD)
+        shut_down_reading(server.listening_socket)
         server.close_finished.wait(TIMEOUT)  # cancelled here once the switch failed
     assert info.value.errno == errno.EINVAL
     assert server.is_closed
