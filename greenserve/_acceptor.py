@@ -595,7 +595,8 @@ class Acceptor:
         a client waiting in the listen backlog, the engine may end it to admit that
         client: the oldest-marked first, one for one (the new client is accepted only
         once the reclaimed connection is released), and never a connection with unread
-        bytes or with bytes received since it was marked (a request arriving). Ending it
+        bytes or with bytes received since it was marked (a request arriving), and never
+        one that has received nothing yet (its first request may be on its way). Ending it
         is ``reclaim()`` (called from the hub), or by default the kernel's shutdown: a
         read blocked on it returns end of file, its peer reads end of file.
         A no-op with ``reclaim_idle=False``, or for a connection the engine does not hold.
@@ -603,8 +604,11 @@ class Acceptor:
         sock = self._owner_of.get(conn, conn)
         if not self.options.reclaim_idle or sock not in self._conns:
             return
+        received = _gevent.bytes_received(conn)
+        if received == 0:
+            return  # not a keep-alive connection yet: its first message may be on its way
         self._reclaimable.pop(sock, None)  # marked again: now the youngest
-        self._reclaimable[sock] = (reclaim, _gevent.bytes_received(conn))
+        self._reclaimable[sock] = (reclaim, received)
         if self.active >= self._limit:
             self._update()
 

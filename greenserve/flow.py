@@ -95,7 +95,8 @@ class Flow(_Owned):
     closes it.
     """
 
-    __slots__ = ("__weakref__", "_drained", "_idle", "_local", "_peer", "_plain", "_reclaimer")
+    __slots__ = ("__weakref__", "_drained", "_heard", "_idle", "_local", "_peer", "_plain",
+                 "_reclaimer")
 
     def __init__(self, sock: gsocket.socket, *, peer: Tcp | Unix | None = None,
                  sw: Switch | None = None, reclaimer: Reclaimer | None = None) -> None:
@@ -103,6 +104,7 @@ class Flow(_Owned):
         self._peer = peer
         self._reclaimer = reclaimer  # the server that accepted it (see idle())
         self._idle = False
+        self._heard = False  # a byte was read: from then on it may be idle
         self._local: Tcp | Unix | None = None
         # True after a read that returned less than asked: the kernel buffer is then
         # almost surely empty, so the next read waits for readability first instead of
@@ -143,9 +145,10 @@ class Flow(_Owned):
         A server at its connection limit (``max_connections``) with a client waiting
         may then close this connection to admit that client (a read blocked inside gets
         end of file, and the peer too): the connections idle the longest first, one for
-        each new client, and never one whose next message has begun to arrive. Idle
-        ends with the first byte read, or on leaving the block. Use it around the read
-        of the next request of a keep-alive protocol::
+        each new client, and never one whose next message has begun to arrive, nor one
+        that has not sent anything yet (a new connection: its first message may be on
+        its way). Idle ends with the first byte read, or on leaving the block. Use it
+        around the read of the next request of a keep-alive protocol::
 
             while True:
                 with flow.idle():
@@ -157,8 +160,8 @@ class Flow(_Owned):
         Outside a server (or with ``reclaim_idle=False``) it does nothing.
         """
         reclaimer = self._reclaimer
-        if reclaimer is None or self._idle:
-            yield
+        if reclaimer is None or self._idle or not self._heard:
+            yield  # (before its first message a connection is not idle: it is new)
             return
         self._idle = True
         reclaimer.reclaimable(self._sock)
@@ -183,8 +186,10 @@ class Flow(_Owned):
         except OSError as exc:
             reraise(exc)
         self._drained = self._plain and 0 < len(data) < max_bytes
-        if self._idle and data:
-            self._busy()  # the next message arrived: no longer idle
+        if data:
+            self._heard = True
+            if self._idle:
+                self._busy()  # the next message arrived: no longer idle
         return data
 
     def read_into(self, buffer: Any) -> int:
@@ -197,8 +202,10 @@ class Flow(_Owned):
         except OSError as exc:
             reraise(exc)
         self._drained = self._plain and 0 < n < len(buffer)
-        if self._idle and n:
-            self._busy()  # the next message arrived: no longer idle
+        if n:
+            self._heard = True
+            if self._idle:
+                self._busy()  # the next message arrived: no longer idle
         return n
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

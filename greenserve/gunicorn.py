@@ -279,6 +279,7 @@ class Worker(_EngineWorker, AsyncWorker):  # type: ignore[misc]  # gunicorn is u
         super().__init__(*args, **kwargs)
         self._conns: dict[Greenlet, Any] = {}  # connection fiber -> its socket
         self._waits: set[_RequestWait] = set()  # connections waiting for a request
+        self._served: set[Greenlet] = set()  # connection fibers that had a request
         self._listener_names: dict[Any, Any] = {}
 
     def timeout_ctx(self) -> _RequestWait:
@@ -296,6 +297,7 @@ class Worker(_EngineWorker, AsyncWorker):  # type: ignore[misc]  # gunicorn is u
             self.handle(self._listener_for(conn), conn, _accept_address(peer))
         finally:
             del self._conns[me]
+            self._served.discard(me)
 
     def _end_idle_connections(self) -> None:
         for wait in list(self._waits):
@@ -405,6 +407,8 @@ class _RequestWait:
         self._timer.close()
         self._worker._waits.discard(self)
         self._reclaimable(False)
+        if ev is None:
+            self._worker._served.add(self._fiber)  # a request came: now kept alive
         return isinstance(ev, _KeepAliveEnded)
 
     def _reclaimable(self, waiting: bool) -> None:
@@ -414,6 +418,8 @@ class _RequestWait:
         conn = self._worker._conns.get(self._fiber)
         if acceptor is None or conn is None:
             return
+        if waiting and self._fiber not in self._worker._served:
+            return  # before its first request a connection is new, not kept alive
         if waiting:
             acceptor.reclaimable(conn, self._end_if_idle)
         else:

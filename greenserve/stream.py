@@ -128,13 +128,14 @@ class Reader:
     int raises ``TypeError``, one out of range ``ValueError``.
     """
 
-    __slots__ = ("_buf", "_closed", "_drained", "_eof", "_error", "_idle", "_plain", "_pos",
-                 "_reclaimer", "_sock")
+    __slots__ = ("_buf", "_closed", "_drained", "_eof", "_error", "_heard", "_idle", "_plain",
+                 "_pos", "_reclaimer", "_sock")
 
     def __init__(self, sock: gsocket.socket, *, reclaimer: Reclaimer | None = None) -> None:
         self._sock = sock
         self._reclaimer = reclaimer  # the server that accepted it (see idle())
         self._idle = False
+        self._heard = False  # a byte was received: from then on it may be idle
         self._buf = bytearray()
         self._pos = 0          # bytes before this offset were consumed
         self._eof = False      # recv returned b"": it never returns data again
@@ -270,7 +271,8 @@ class Reader:
         A server at its connection limit with a client waiting may then close this
         connection to admit that client (a read blocked inside returns end of file):
         the longest idle first, one for each new client, and never one whose next
-        message has begun to arrive. Idle ends with the first byte received, or on
+        message has begun to arrive, nor one that has sent nothing yet (new: its first
+        message may be on its way). Idle ends with the first byte received, or on
         leaving the block; with bytes already buffered the connection is not idle at
         all. For a line protocol::
 
@@ -284,8 +286,8 @@ class Reader:
         Outside a server (or with ``reclaim_idle=False``) it does nothing.
         """
         reclaimer = self._reclaimer
-        if reclaimer is None or self._idle or self._pos < len(self._buf):
-            yield
+        if reclaimer is None or self._idle or not self._heard or self._pos < len(self._buf):
+            yield  # (new: its first message may be on its way; or bytes are buffered)
             return
         self._idle = True
         reclaimer.reclaimable(self._sock)
@@ -336,8 +338,10 @@ class Reader:
             self._error = new  # lets a server tell this socket's reset from others
             raise new from exc
         self._drained = self._plain and 0 < len(data) < size
-        if self._idle and data:
-            self._busy()  # the next message arrived: no longer idle
+        if data:
+            self._heard = True
+            if self._idle:
+                self._busy()  # the next message arrived: no longer idle
         return data
 
     def _fill(self) -> bool:

@@ -237,3 +237,29 @@ def test_gunicorn_worker_answers_every_keep_alive_client(tmp_path: Any) -> None:
     print(f"gunicorn: {CLIENTS} keep-alive clients answered in {max(answered):.2f} s",
           file=sys.stderr)
     assert max(answered) < 8.0  # 15 requests of 1 s, 3 at a time: about 5 s
+
+
+def test_a_new_connection_is_not_idle_before_its_first_request() -> None:
+    # A client that connected but has not sent its first request yet is not a kept-alive
+    # connection: its request may be on its way, and reclaiming it would lose it.
+    server = tcp.Server.create(tcp.WhereToListen.bind_to("127.0.0.1", 0),
+                               reader_handler(Gauge()), max_connections=1)
+    try:
+        port = server.listening_on
+        new = gsocket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        with gevent.Timeout(TIMEOUT):
+            while server.stats()["accepted"] < 1:
+                gevent.sleep(0.001)
+        waiting = gsocket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        waiting.sendall(b"b\n")  # in the backlog
+        new.sendall(b"a\n")      # the first request arrives late: it is served
+        assert new.recv(100) == b"ok a\n"
+        # Now `new` is kept alive and idle: the waiting client reclaims its slot.
+        assert new.recv(100) == b""
+        assert waiting.recv(100) == b"ok b\n"
+        assert server.stats()["reclaimed"] == 1
+        new.close()
+        waiting.close()
+    finally:
+        server.close(close_existing_connections=True)
+        assert server.close_finished.wait(5)
