@@ -54,15 +54,23 @@ ANY_HOST = "*"
 
 
 def echo(flow: Flow, addr: Any) -> None:
-    """Send back everything received."""
-    while data := flow.read():
+    """Send back everything received. Between messages the connection is idle: at
+    --max-connections it may be closed for a waiting client (see Flow.idle)."""
+    while True:
+        with flow.idle():
+            data = flow.read()
+        if not data:
+            return
         flow.write(data)
 
 
 def discard(flow: Flow, addr: Any) -> None:
-    """Read and drop everything (RFC 863)."""
-    while flow.read():
-        pass
+    """Read and drop everything (RFC 863); idle between reads, as echo."""
+    while True:
+        with flow.idle():
+            data = flow.read()
+        if not data:
+            return
 
 
 def daytime(flow: Flow, addr: Any) -> None:
@@ -143,6 +151,10 @@ def _parser() -> _Parser:
                    help="on the first SIGTERM/SIGINT, give open connections S seconds, then "
                         "close them; a second signal closes them at once "
                         f"(default: {DEFAULT_SHUTDOWN_TIMEOUT:g})")
+    p.add_argument("--no-reclaim-idle", dest="reclaim_idle", action="store_false",
+                   help="at --max-connections, never close an idle connection (one waiting "
+                        "for its client's next message) to admit a waiting client (default: "
+                        "the longest idle is closed, one for each waiting client)")
     p.add_argument("--unix-mode", type=file_mode, metavar="MODE",
                    help="file mode of the unix: socket files, octal, e.g. 660 or 0o660 "
                         "(default: 777 minus the umask)")
@@ -302,7 +314,7 @@ def run(args: argparse.Namespace) -> None:
             additional_processes=args.processes - 1, stop=shutdown.stop,
             abort=shutdown.abort, drain_timeout=args.shutdown_timeout,
             ssl_context=ssl_context, proxy_protocol=args.proxy_protocol,
-            idle_timeout=args.idle_timeout)
+            idle_timeout=args.idle_timeout, reclaim_idle=args.reclaim_idle)
         log.info("stopped")
 
 

@@ -466,7 +466,8 @@ def test_help_shows_every_option_with_a_description_and_its_default() -> None:
                 "--processes": "(default: 1)", "--log-level": "(default: info)",
                 "--certfile": "(default: none", "--keyfile": "(default: the key in",
                 "--proxy-protocol": "(default: off)", "--idle-timeout": "(default: none)",
-                "--shutdown-timeout": "(default: 10)", "--unix-mode": "(default: 777 minus"}
+                "--shutdown-timeout": "(default: 10)", "--unix-mode": "(default: 777 minus",
+                "--no-reclaim-idle": "(default: the longest idle is closed"}
     assert set(entries) == {"-h", "--version", *defaults}
     for option, shown in defaults.items():
         assert shown in entries[option], entries[option]
@@ -493,3 +494,24 @@ def test_unix_mode_sets_the_socket_files_mode(tmp_path: Path, given: str, mode: 
             assert u.recv(10) == b"moded"
         stop_ok(proc)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("reclaim", [True, False])
+def test_the_builtin_echo_lets_an_idle_connection_go_for_a_waiting_client(reclaim: bool) -> None:
+    flags = () if reclaim else ("--no-reclaim-idle",)
+    with cli("echo", "--bind", "127.0.0.1:0", "--max-connections", "1", *flags) as (proc, addrs):
+        port = port_of(addrs[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as first, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as second:
+            first.sendall(b"one")
+            assert first.recv(10) == b"one"      # now idle, holding the only slot
+            second.sendall(b"two")               # waits in the backlog
+            if reclaim:
+                assert first.recv(10) == b""     # closed for the waiting client
+                assert second.recv(10) == b"two"
+            else:
+                first.sendall(b"again")          # still served: never reclaimed
+                assert first.recv(10) == b"again"
+                first.close()
+                assert second.recv(10) == b"two"
+        stop_ok(proc)
