@@ -1,5 +1,5 @@
 """greenserve.tcp (Jane Street Async's ``Tcp``) on real loopback TCP and unix sockets:
-API.md section 6, promise by promise.
+docs/tcp.md, promise by promise.
 
 Synchronisation is by events, blocking reads bounded by a socket timeout, and bounded
 waits on conditions the server makes true (``wait_until``); never by sleeping for a
@@ -906,7 +906,7 @@ def test_on_handler_error_raise_closes_the_server_and_leaves_connections_alone()
 
 def test_serve_forever_raising_the_handler_error_leaves_connections_alone() -> None:
     # serve_forever() (and wait()) raise the error as soon as the listening socket is
-    # closed; the connections still running are left alone (API.md section 6 and
+    # closed; the connections still running are left alone (docs/tcp.md and
     # Server.wait's docstring), also after the error was raised.
     boom = ValueError("boom")
     with serving(failing_on(b"fail", boom)) as server, dial(server) as alive:
