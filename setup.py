@@ -3,13 +3,36 @@
 import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, ExecError, PlatformError
 
 HERE = Path(__file__).parent
 GEVENT = "gevent>=24.2.1,<27"
 VERSION = re.search(
     r'^__version__ = "([^"]+)"', (HERE / "greenserve" / "_version.py").read_text(), re.M
 ).group(1)
+
+
+class OptionalBuildExt(build_ext):
+    """Builds the optional accelerator (greenserve._speedups, docs/speedups.md); without a
+    compiler or Python's headers greenserve installs as pure Python, with one line said."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except (CCompilerError, ExecError, PlatformError, OSError) as exc:
+            self.warn(f"greenserve._speedups not built, greenserve stays pure Python: {exc}")
+            self.extensions = []
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, ExecError, PlatformError, OSError) as exc:
+            self.warn(f"{ext.name} not built, greenserve stays pure Python: {exc}")
+            # What was not built is not copied in place nor listed among the outputs.
+            self.extensions = [e for e in self.extensions if e is not ext]
+
 
 setup(
     name="greenserve",
@@ -21,6 +44,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["greenserve", "greenserve.*"]),
     package_data={"greenserve": ["py.typed"]},
+    ext_modules=[Extension("greenserve._speedups", ["greenserve/_speedups.c"])],
+    cmdclass={"build_ext": OptionalBuildExt},
     # The range tox's gevent-oldest and gevent-newest environments test: 24.2.1 is the
     # oldest gevent >= 24 with wheels for Python 3.11 (24.2.0 was never released);
     # < 27: a new major version is tested before it is allowed.
