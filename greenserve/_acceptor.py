@@ -125,6 +125,9 @@ class ServerOptions:
     proxy_protocol: bool = False
     idle_timeout: float | None = None
     reclaim_idle: bool = True
+    # Connection fibers as gevent.Greenlets rather than raw greenlets (switch.RawFiber):
+    # for gevent's StreamServer face, whose handlers and hub expect gevent's.
+    gevent_greenlets: bool = False
 
     def __post_init__(self) -> None:
         _checks.count("max_connections", self.max_connections, optional=True)
@@ -135,6 +138,7 @@ class ServerOptions:
         _checks.flag("proxy_protocol", self.proxy_protocol)
         _checks.seconds("idle_timeout", self.idle_timeout, optional=True)
         _checks.flag("reclaim_idle", self.reclaim_idle)
+        _checks.flag("gevent_greenlets", self.gevent_greenlets)
 
 
 class Acceptor:
@@ -185,6 +189,7 @@ class Acceptor:
         self._serve_fn = self._serve
         self._unserved_fn = self._unserved
         self._spawn = spawn
+        self._lean = not options.gevent_greenlets
         self.name = name
         self._init_watchers()
         self._init_counters()
@@ -503,7 +508,7 @@ class Acceptor:
         try:
             if self._spawn is None:
                 g = self._sw._fork_owning(self._serve_fn, self._unserved_fn, sock, peer,
-                                          context=self._context)
+                                          context=self._context, lean=self._lean)
             else:
                 g = self._spawn(self._serve, sock, peer)
         except Exception as exc:

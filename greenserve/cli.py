@@ -136,6 +136,14 @@ def _parser() -> _Parser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="logging level on stderr (default: %(default)s)")
+    _connection_options(p)
+    p.add_argument("--version", action="version", version=f"greenserve {__version__}",
+                   help="print the version and exit")
+    return p
+
+
+def _connection_options(p: _Parser) -> None:
+    """What each connection gets: TLS, PROXY, timeouts, reclaiming, socket file modes."""
     p.add_argument("--certfile", metavar="FILE",
                    help="serve TLS with this PEM certificate chain (default: none, plain TCP)")
     p.add_argument("--keyfile", metavar="FILE",
@@ -158,9 +166,6 @@ def _parser() -> _Parser:
     p.add_argument("--unix-mode", type=file_mode, metavar="MODE",
                    help="file mode of the unix: socket files, octal, e.g. 660 or 0o660 "
                         "(default: 777 minus the umask)")
-    p.add_argument("--version", action="version", version=f"greenserve {__version__}",
-                   help="print the version and exit")
-    return p
 
 
 def load_handler(spec: str) -> Callable[[Flow, Any], object]:

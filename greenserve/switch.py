@@ -38,8 +38,9 @@ The engine's interface: beyond the public API, the server engine and the faces
 (``_acceptor``, ``net``, ``tcp``, ``server``, ``gunicorn``) may call exactly these, and
 nothing else private (tests/test_architecture.py enforces it):
 
-- ``sw._fork_owning(fn, cleanup, *args, context=None)``: fork a connection's fiber whose
-  ``args`` (its socket) are released by ``cleanup`` if it never runs;
+- ``sw._fork_owning(fn, cleanup, *args, context=None, lean=True)``: fork a connection's
+  fiber (a raw greenlet, or a gevent.Greenlet with ``lean=False``) whose ``args`` (its
+  socket) are released by ``cleanup`` if it never runs;
 - ``sw._cancel_fiber(g)``: cancel one fiber (a connection the engine aborts);
 - ``Switch._detached(name)`` and ``sw._close()``: a switch with no body, owned by a
   server object and finished when that server stops.
@@ -55,6 +56,7 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 import gevent
+import greenlet
 from gevent import Greenlet, GreenletExit, getcurrent
 from gevent.event import AsyncResult, Event
 
@@ -124,6 +126,16 @@ class TaskStatus:
     def _fail(self, exc: BaseException) -> None:
         self._started = True
         self._ready.set_exception(exc)
+
+
+class RawFiber(greenlet.greenlet):  # type: ignore[misc]  # greenlet is typed loosely
+    """A connection's fiber (``Switch._fork_owning``): a raw greenlet, for what it costs.
+
+    It has what code running in a fiber may ask of its greenlet: ``dead``, ``throw``,
+    being a dict key (gevent.local, per-greenlet state); ``kill`` and ``join`` are
+    gevent.Greenlet's and not here: a fiber is cancelled through its switch."""
+
+    __slots__ = ()
 
 
 # The keyword arguments of a fork that has none: shared, never modified (``fn(**kw)``
@@ -276,15 +288,63 @@ class Switch:
             self._record_failure(status._failure)
 
     def _fork_owning(self, fn: Callable[..., Any], cleanup: Callable[..., object],
-                     *args: Any, context: contextvars.Context | None = None) -> Greenlet:
+                     *args: Any, context: contextvars.Context | None = None,
+                     lean: bool = True) -> Any:
         """Fork ``fn(*args)``; if the fiber never gets to call ``fn`` (the switch or
         the fiber was cancelled before it started) call ``cleanup(*args)`` instead, so
         that whatever ``args`` hold (a connection socket) is not leaked (taking ``args``
         saves the engine a closure per connection). The fiber runs in a copy of
         ``context`` if given (the engine forks from the hub, on behalf of the code that
-        started the server), else of the forker's."""
-        return self._spawn(fn, args, _NO_KWARGS, daemon=False, promise=None, status=None,
-                           cleanup=cleanup, context=context)
+        started the server), else of the forker's. ``lean=False``: a gevent.Greenlet
+        (gevent's StreamServer face: its handlers, and the hub's ``handle_error``, expect
+        one), else a :class:`RawFiber`."""
+        if not lean:
+            return self._spawn(fn, args, _NO_KWARGS, daemon=False, promise=None, status=None,
+                               cleanup=cleanup, context=context)
+        if self._finished:
+            raise RuntimeError(f"{self!r} is finished: cannot fork {fn!r}")
+        # The lean fiber of a connection: a raw greenlet with the hub as its parent,
+        # started from the loop's callback queue (as gevent starts a Greenlet: the same
+        # order), its end tracked in its own ``finally``. No gevent.Greenlet (its links,
+        # its start/run bookkeeping): about a quarter of the per-connection CPU the
+        # greenlet layer cost (benchmarks/README.md). A fiber is still a fiber: it is
+        # counted, cancelled by a throw, runs in a copy of ``context``, reports failures.
+        hub = gevent.get_hub()
+        g = RawFiber(self._run_owned, hub)
+        g.gr_context = (contextvars.copy_context() if context is None
+                        else self._as_current(context).copy())
+        self._state[g] = _PENDING
+        self._live += 1
+        self._fibers_done.clear()
+        hub.loop.run_callback(self._start_owned, g, fn, cleanup, args)
+        return g
+
+    def _start_owned(self, g: RawFiber, fn: Callable[..., Any], cleanup: Callable[..., object],
+                     args: tuple[Any, ...]) -> None:
+        # In the hub, from its callback queue. A fiber cancelled before it starts never
+        # runs fn: its cleanup releases what args hold.
+        if self._cancelled or self._state.get(g) == _KILLED:
+            try:
+                cleanup(*args)
+            finally:
+                self._reap(g)
+            return
+        g.switch(fn, args)
+
+    def _run_owned(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        me = getcurrent()
+        self._state[me] = _RUNNING
+        try:
+            if _current.get() is not self:  # forked from the hub (the engine)
+                _current.set(self)
+            _call(fn, args, _NO_KWARGS)
+        except GreenletExit as exc:
+            if not self._is_cancellation(exc):  # another switch's Cancelled: an error
+                self._fiber_failed(exc, None, None)
+        except BaseException as exc:
+            self._fiber_failed(exc, None, None)
+        finally:
+            self._reap(me)
 
     def _cancel_fiber(self, g: Greenlet) -> None:
         """Cancel one fiber of this switch (at most once; before it starts: never runs)."""

@@ -8,9 +8,12 @@ import os
 import time
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import pytest
+
+from greenserve.switch import RawFiber
 
 
 def _open_fds() -> set[int]:
@@ -27,8 +30,12 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def _live_greenlets() -> list[gevent.Greenlet]:
-    return [o for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead]
+def _live_greenlets() -> list[Any]:
+    """gevent Greenlets not dead (started or scheduled), and raw greenlets running (the
+    engine's connection fibers are raw greenlets: see switch.RawFiber)."""
+    return [o for o in gc.get_objects()
+            if (isinstance(o, gevent.Greenlet) and not o.dead)
+            or (isinstance(o, RawFiber) and bool(o))]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,7 +72,10 @@ class LeakCheck:
         finally:
             gc.unfreeze()
         for g in leaked:
-            g.kill(block=False)
+            if isinstance(g, gevent.Greenlet):
+                g.kill(block=False)
+            else:  # a raw greenlet: thrown into from the hub, as gevent's kill does
+                gevent.get_hub().loop.run_callback(g.throw)
         details = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked_fds
                    if os.path.exists(f"/proc/self/fd/{fd}")}
         assert not leaked_fds, f"test leaked file descriptors: {details}"
