@@ -131,7 +131,7 @@ def _load() -> tuple[_Extension | None, str]:
 _ext, _unavailable = _load()
 _lock = threading.Lock()
 _verdict: str | None = None  # the probe's: "" fit, else why not; None before the first
-_reason: str | None = None
+_reason: str | None = _unavailable or None
 
 
 def available() -> bool:
@@ -141,7 +141,8 @@ def available() -> bool:
 
 
 def reason() -> str | None:
-    """Why the last ``install()`` returned False; None after one that succeeded."""
+    """Why ``install()`` returned False (before any call: why it would, if the extension
+    is missing or unfit); None after one that succeeded."""
     return _reason
 
 
