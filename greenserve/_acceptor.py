@@ -76,6 +76,7 @@ _FATAL = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 # middle of a message (IncompleteRead is an EOFError), TLS's versions of these.
 _PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, EOFError,
               ssl.SSLEOFError, ssl.SSLZeroReturnError)
+_DATA_ENDED = (EOFError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 # Back-off after a resource error: short enough that a freed fd is used quickly
 # (a finishing connection also resumes at once), doubling to a cap that keeps a
@@ -218,7 +219,7 @@ class Acceptor:
         self._aborted: set[gsocket.socket] = set()
         # Connections waiting for their peer's next message, oldest first: accepted
         # socket -> (how to end it, bytes received by then). See reclaimable().
-        self._reclaimable: dict[gsocket.socket, tuple[Reclaim | None, int | None]] = {}
+        self._reclaimable: dict[gsocket.socket, tuple[Reclaim | None, Any]] = {}
         self._reclaiming: gsocket.socket | None = None  # reclaimed, not yet released
         self._owner_of: dict[Any, gsocket.socket] = {}  # TLS wrapper -> accepted socket
         self.active = 0
@@ -382,6 +383,7 @@ class Acceptor:
         """Shut down one connection and cancel its handler (as :meth:`abort_connections`
         does for all). A face calls it when a connection must end for a reason of its
         own (a ``Writer`` whose peer stopped reading); a released socket is ignored."""
+        sock = self._owner_of.get(sock, sock)  # the TLS wrapper a handler was given
         if sock not in self._conns:
             return
         self._aborted.add(sock)
@@ -437,11 +439,14 @@ class Acceptor:
         if raw is None:  # closed under us: as accept() on a closed fd would say
             self._accept_failed(OSError(errno.EBADF, "the listening socket was closed"))
             return
+        if self.active >= self._limit:
+            # Woken at the limit: a client waits in the backlog. Make room for it (the
+            # next wake-up, after that release, accepts it). Only here: reaching the
+            # limit during a batch says nothing of a client waiting.
+            self._reclaim_one()
+            return
         for _ in range(self.max_accepts_per_batch):
-            if not self._watching:
-                return
-            if self.active >= self._limit:
-                self._reclaim_one()  # a client waits in the backlog: make room for it
+            if not self._watching or self.active >= self._limit:
                 return
             try:
                 fd, addr = _gevent.accept_raw(raw)
@@ -582,7 +587,12 @@ class Acceptor:
         connection's own socket confirms it; then it is logged once at ``DEBUG`` and
         counted in ``stats["peer_gone"]``, not reported as a handler error. A face that
         closes the socket before the engine sees the exception asks here first."""
-        if not isinstance(exc, _PEER_GONE) or not _gevent.peer_gone(self._wrapped.get(sock, sock)):
+        if not isinstance(exc, _PEER_GONE):
+            return False
+        # A reset or a broken pipe means the connection itself is gone; an end of file
+        # only that the peer finished sending (it may have half-closed, still reading).
+        ended = isinstance(exc, _DATA_ENDED)
+        if not _gevent.peer_gone(self._wrapped.get(sock, sock), sending_ended=ended):
             return False
         self.stats["peer_gone"] += 1
         log.debug("%s: %s went away: %s", self.name, peer, exc)
@@ -594,7 +604,8 @@ class Acceptor:
 
     # -- reclaiming idle connections at the limit ---------------------------------------
 
-    def reclaimable(self, conn: Any, reclaim: Reclaim | None = None) -> None:
+    def reclaimable(self, conn: Any, reclaim: Reclaim | None = None, *,
+                    reads_seen: bool = True) -> None:
         """Mark connection ``conn`` (the socket its handler got) as waiting for its peer's
         next message. While it is marked and the engine is at ``max_connections`` with
         a client waiting in the listen backlog, the engine may end it to admit that
@@ -604,16 +615,22 @@ class Acceptor:
         one that has received nothing yet (its first request may be on its way). Ending it
         is ``reclaim()`` (called from the hub), or by default the kernel's shutdown: a
         read blocked on it returns end of file, its peer reads end of file.
+        ``reads_seen``: the caller unmarks ``conn`` (:meth:`busy`) on every byte it reads
+        (``Flow``, ``Reader``); a face that cannot (gunicorn's parser reads by itself)
+        passes False, and then only a TCP connection is marked, whose received and
+        queued byte counts show a message that began.
         A no-op with ``reclaim_idle=False``, or for a connection the engine does not hold.
         """
         sock = self._owner_of.get(conn, conn)
         if not self.options.reclaim_idle or sock not in self._conns:
             return
         received = _gevent.bytes_received(conn)
-        if received == 0:
-            return  # not a keep-alive connection yet: its first message may be on its way
+        if received == 0 or (received is None and not reads_seen):
+            # Not a keep-alive connection yet (its first message may be on its way), or
+            # one whose reads nobody could tell us about.
+            return
         self._reclaimable.pop(sock, None)  # marked again: now the youngest
-        self._reclaimable[sock] = (reclaim, received)
+        self._reclaimable[sock] = (reclaim, _consumed(conn, received))
         if self.active >= self._limit:
             self._update()
 
@@ -630,10 +647,13 @@ class Acceptor:
         waits in the backlog); skip any that is receiving a message."""
         while self._reclaimable and self._reclaiming is None:
             sock = next(iter(self._reclaimable))
-            reclaim, received = self._reclaimable.pop(sock)
+            reclaim, consumed = self._reclaimable.pop(sock)
             conn = self._wrapped.get(sock, sock)
-            if _gevent.has_unread(conn) or _gevent.bytes_received(conn) != received:
-                continue  # a message is arriving: not idle after all
+            if _gevent.has_unread(conn) or \
+                    _consumed(conn, _gevent.bytes_received(conn)) != consumed:
+                # A message is arriving, or was read since the mark (a TLS layer takes a
+                # partial record out of the kernel): not idle after all.
+                continue
             self._reclaiming = sock
             self.stats["reclaimed"] += 1
             log.debug("%s: at %d connections, closing an idle one for a waiting client",
@@ -701,6 +721,14 @@ class Acceptor:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "accepting" if self._watching else "paused"
         return f"<Acceptor {self.name} {state} active={self.active}>"
+
+
+def _consumed(conn: Any, received: int | None) -> tuple[int | None, int]:
+    """What of a connection's input was taken out of the kernel: ``(received - queued,
+    queued)`` (on TCP; elsewhere only the queued count is known). It changes when bytes
+    arrive or are read, by anyone (a TLS layer reading part of a record too)."""
+    queued = _gevent.queued(conn)
+    return (None if received is None else received - queued, queued)
 
 
 def _wait_any(events: list[Event], timeout: float | None) -> None:

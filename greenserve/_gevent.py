@@ -20,19 +20,28 @@ from __future__ import annotations
 
 import _socket
 import errno
+import fcntl
+import select
 import socket as _stdsocket
 import ssl
 import sys
+import termios
 from typing import Any
 
+from gevent import monkey
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
 __all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "bytes_received", "has_unread", "holds",
-           "kernel_shutdown", "peer_gone", "raw_send", "raw_socket", "receive",
+           "kernel_shutdown", "peer_gone", "queued", "raw_send", "raw_socket", "receive",
            "tls_send_nowait", "tls_wrap", "wait_readable"]
 
 _LITTLE = sys.byteorder == "little"
+# The peer shut down its sending side (Linux: POLLRDHUP; the stdlib names it on Linux).
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+# The standard library's poll, never gevent's (under monkey-patching the CLI and the
+# gunicorn workers have it replaced by one that may wait): this must answer now.
+_poll = monkey.get_original("select", "poll")
 
 # libev's event masks (a watcher's ``events`` may carry flags of libev's own above them).
 READ = 1
@@ -74,19 +83,24 @@ def kernel_shutdown(sock: Any, how: int = _stdsocket.SHUT_RDWR, *, quiet: bool =
             raise
 
 
-def peer_gone(sock: Any) -> bool:
-    """True if the peer of a connected stream socket has gone: its end of file or its
-    reset is what the kernel holds next (peeked, nothing consumed, never waiting).
-    False while the connection is alive, or when ``sock`` is closed (nothing to ask)."""
+def peer_gone(sock: Any, *, sending_ended: bool = False) -> bool:
+    """True if the peer of a connected stream socket has gone, as the kernel's state of
+    the connection says (``poll``, never waiting, whatever is still queued to read):
+    it reset, or the connection is closed both ways (``POLLHUP``/``POLLERR``). With
+    ``sending_ended``, also when the peer only finished sending (``POLLRDHUP``: its end
+    of file), for an error that is about its data ending. False while the connection is
+    alive (a peer that half-closed and waits for an answer is alive), or when ``sock``
+    is closed (nothing to ask)."""
     raw = raw_socket(sock)
     if raw is None:
         return False
-    try:
-        return not raw.recv(1, _stdsocket.MSG_PEEK)
-    except BlockingIOError:
-        return False  # alive, nothing to read
-    except OSError:
-        return True   # ECONNRESET, ENOTCONN, EPIPE: the connection is broken
+    poller = _poll()
+    poller.register(raw.fileno(), _POLLRDHUP)
+    events = poller.poll(0)
+    mask = events[0][1] if events else 0
+    if mask & (select.POLLHUP | select.POLLERR):
+        return True
+    return sending_ended and bool(mask & _POLLRDHUP)
 
 
 def receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> Any:
@@ -137,6 +151,19 @@ def bytes_received(sock: Any) -> int | None:
         return None
     return int.from_bytes(info[_TCP_INFO_BYTES_RECEIVED:_TCP_INFO_BYTES_RECEIVED + 8],
                           "little" if _LITTLE else "big")
+
+
+def queued(sock: Any) -> int:
+    """Bytes received and not read yet, in the kernel's buffer (``FIONREAD``); 0 for a
+    closed socket."""
+    raw = raw_socket(sock)
+    if raw is None:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(raw.fileno(), termios.FIONREAD, b"\0" * 4),
+                              sys.byteorder, signed=True)
+    except OSError:
+        return 0
 
 
 def has_unread(sock: Any) -> bool:

@@ -90,6 +90,10 @@ AGE_CHECKS_PER_LIMIT = 4
 # coalesced as before.
 EAGER_SEND_MIN = 4096
 
+# The most plaintext one TLS record carries (RFC 8446 section 5.1): the Writer hands the
+# TLS layer this much at a time, so that what went out is counted as it goes.
+TLS_RECORD = 16384
+
 _CR = 13  # b"\r"[0]
 
 # Writer states (see the module docstring).
@@ -622,9 +626,7 @@ class Writer:
             if raw is not None and _gevent.holds(self._sock, raw):
                 sent = raw.send(data)
             elif self._tls:
-                # Never gevent's SSLSocket.send here: it waits (honouring the socket's
-                # timeout, not its argument), and the hub must not wait.
-                sent, want = _gevent.tls_send_nowait(self._sock, data)
+                sent, want = self._send_tls(data)
             else:
                 # Closed by gevent (whose send raises EBADF then; the raw socket may not
                 # be closed yet). timeout=0.0: raise instead of waiting (hub).
@@ -648,6 +650,23 @@ class Writer:
             self._wait_for(want or _gevent.WRITE)
         else:
             self._become_idle()
+
+    def _send_tls(self, data: Buffer) -> tuple[int, int]:
+        """Send what the TLS layer takes now, one record's worth per SSL write: OpenSSL
+        (without partial writes) reports a write only once all of it is out, so a large
+        buffer would count as unsent, age and flush included, until its very end.
+        Never gevent's SSLSocket.send here: it waits (by the socket's timeout, not its
+        argument), and the hub must not wait."""
+        # Copies, not memoryview slices: an error's traceback would keep a slice, and
+        # with it an export that forbids resizing the buffer (a copy of 16 KiB costs
+        # little next to encrypting it; OpenSSL accepts the retry from a moved buffer).
+        sent = 0
+        while sent < len(data):
+            n, want = _gevent.tls_send_nowait(self._sock, data[sent:sent + TLS_RECORD])
+            sent += n
+            if want:
+                return sent, want
+        return sent, 0
 
     def _wait_for(self, event: int) -> None:
         """Send again when the socket is ready: writable, or (TLS only, rarely: the

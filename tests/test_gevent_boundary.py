@@ -150,17 +150,22 @@ def test_holds_tells_whether_gevent_closed_or_detached_the_socket(certs: Any) ->
         s.close()
 
 
-def test_peer_gone_sees_end_of_file_and_resets_but_not_a_live_peer() -> None:
+def test_peer_gone_asks_the_connections_state_not_its_queue() -> None:
     a, b = gsocket.socketpair()
-    assert not _gevent.peer_gone(a)  # alive, nothing to read
-    b.sendall(b"x")
-    assert not _gevent.peer_gone(a)  # alive, data waiting (not consumed by the peek)
-    b.close()
-    assert not _gevent.peer_gone(a)  # the unread byte comes first
-    assert a.recv(1) == b"x"
-    assert _gevent.peer_gone(a)      # then end of file
-    a.close()
-    assert not _gevent.peer_gone(a)  # closed: nothing to ask
+    try:
+        assert not _gevent.peer_gone(a)  # alive, nothing to read
+        b.sendall(b"x")
+        assert not _gevent.peer_gone(a)  # alive, data waiting
+        b.shutdown(socket.SHUT_WR)       # the peer finished sending, still reads
+        assert not _gevent.peer_gone(a)
+        assert _gevent.peer_gone(a, sending_ended=True)
+        b.close()
+        assert _gevent.peer_gone(a)      # gone, whatever is still queued ("x")
+        assert a.recv(1) == b"x"
+    finally:
+        a.close()
+        b.close()
+    assert not _gevent.peer_gone(a)      # closed: nothing to ask
 
 
 def test_receive_waits_for_readability_and_raw_send_never_waits() -> None:
