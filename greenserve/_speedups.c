@@ -15,6 +15,10 @@
  * - Memory goes back: at most `keep` free slots stay resident (LIFO, the warmest reused
  *   first); a slot freed beyond that is madvise(MADV_DONTNEED)'d, so after a burst RSS
  *   returns near its level before it.  The reservation itself is only address space.
+ * - The end of a burst is also when glibc's heap holds the most freed memory (greenlet
+ *   stack copies, sockets, buffers) that it does not give back by itself: when the slots
+ *   in use fall to a quarter of their peak (>= TRIM_MIN_PEAK), the shim calls
+ *   malloc_trim(0) once (a few ms), unless activated with trim_heap off.
  * - Callers hold the GIL in 3.11, except that PyThreadState_Delete (documented as not
  *   needing it: embedders, shutdown) frees a thread's chunks: so we take our own mutex
  *   and do not rely on the GIL.  It is never held across a call to the original allocator.
@@ -32,6 +36,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 /* CPython's DATA_STACK_CHUNK_SIZE (3.11-3.13).  Not trusted: speedups.py observes the size
  * a new greenlet asks for before activating, and refuses if it differs. */
@@ -42,6 +49,8 @@
 #define MAX_RESERVE ((size_t)4 << 30)
 #define MIN_RESERVE ((size_t)64 << 20)
 #define MAX_EVENTS 256
+/* A burst worth trimming glibc's heap after: this many greenlets alive at once. */
+#define TRIM_MIN_PEAK 256u
 
 #if PY_VERSION_HEX < 0x030B0000
 #define UNSUPPORTED "Python < 3.11 has no frame data stack"
@@ -68,7 +77,9 @@ static struct {
     size_t reserved;   /* its length */
     uint32_t *free_idx; /* warm free slots grow up from 0, returned ones down from cap-1 */
     uint32_t cap, committed, carved, warm, cold, in_use, keep;
-    unsigned long long handed_out, overflow, returned_bytes, passed_through;
+    uint32_t peak; /* of in_use, since the last heap trim */
+    int trim_heap;
+    unsigned long long handed_out, overflow, returned_bytes, passed_through, heap_trims;
     struct event events[MAX_EVENTS];
     unsigned n_events, dropped_events;
 } S = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -115,7 +126,8 @@ take_slot(void)
         }
         i = S.carved++;
     }
-    S.in_use++;
+    if (++S.in_use > S.peak)
+        S.peak = S.in_use;
     S.handed_out++;
     return S.base + (size_t)i * SLOT_SIZE;
 }
@@ -149,8 +161,8 @@ release_reservation(void)
     S.reserved = S.cap = S.committed = S.carved = S.warm = S.cold = 0;
 }
 
-/* Takes a slot back (lock held). */
-static void
+/* Takes a slot back (lock held); whether glibc's heap should be trimmed now. */
+static int
 give_back(char *p)
 {
     size_t off = (size_t)(p - S.base);
@@ -159,12 +171,26 @@ give_back(char *p)
     S.in_use--;
     if (S.mode != DRAINING && S.warm < S.keep) {
         S.free_idx[S.warm++] = (uint32_t)(off / SLOT_SIZE);
-        return;
+    } else {
+        return_to_os(p);
+        S.free_idx[S.cap - 1 - S.cold++] = (uint32_t)(off / SLOT_SIZE);
     }
-    return_to_os(p);
-    S.free_idx[S.cap - 1 - S.cold++] = (uint32_t)(off / SLOT_SIZE);
     if (S.mode == DRAINING && S.in_use == 0)
         release_reservation(); /* stays in the chain, as a pass-through */
+    if (S.trim_heap && S.peak >= TRIM_MIN_PEAK && S.in_use <= S.peak / 4) {
+        S.peak = S.in_use; /* the next trim waits for the next burst's end */
+        return 1;
+    }
+    return 0;
+}
+
+static void
+trim_heap(void)
+{
+#ifdef __GLIBC__
+    malloc_trim(0);
+    __atomic_fetch_add(&S.heap_trims, 1, __ATOMIC_RELAXED);
+#endif
 }
 
 static void *
@@ -192,11 +218,14 @@ shim_free(void *ctx, void *ptr, size_t size)
 {
     (void)ctx;
     if (size == SLOT_SIZE) {
+        int trim = 0;
         pthread_mutex_lock(&S.lock);
         int ours = S.base != NULL && (char *)ptr >= S.base && (char *)ptr < S.base + S.reserved;
         if (ours)
-            give_back(ptr);
+            trim = give_back(ptr);
         pthread_mutex_unlock(&S.lock);
+        if (trim)
+            trim_heap(); /* not under our lock: it takes glibc's */
         if (ours)
             return;
     }
@@ -303,13 +332,14 @@ reserve(void)
 }
 
 static PyObject *
-activate(PyObject *m, PyObject *arg)
+activate(PyObject *m, PyObject *args)
 {
     (void)m;
-    long keep = PyLong_AsLong(arg);
-    if (keep == -1 && PyErr_Occurred())
+    Py_ssize_t keep;
+    int heap;
+    if (!PyArg_ParseTuple(args, "np:activate", &keep, &heap))
         return NULL;
-    if (keep < 0 || (unsigned long)keep > UINT32_MAX) {
+    if (keep < 0 || (size_t)keep > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "keep must be a slot count >= 0");
         return NULL;
     }
@@ -323,6 +353,7 @@ activate(PyObject *m, PyObject *arg)
         if (S.mode == OFF) /* installed before (probed), then removed: back in front */
             enter_chain(ACTIVE);
         S.keep = (uint32_t)keep;
+        S.trim_heap = heap;
         return_warm(S.keep); /* a lower keep applies now, not at the next free */
         S.mode = ACTIVE;
     }
@@ -343,6 +374,7 @@ trim(PyObject *m, PyObject *unused)
     return_warm(0);
     unsigned long long returned = S.returned_bytes - before;
     pthread_mutex_unlock(&S.lock);
+    trim_heap();
     return PyLong_FromUnsignedLongLong(returned);
 }
 
@@ -395,14 +427,15 @@ stats(PyObject *m, PyObject *unused)
     (void)m, (void)unused;
     pthread_mutex_lock(&S.lock);
     PyObject *d = Py_BuildValue(
-        "{s:s,s:n,s:I,s:I,s:I,s:I,s:I,s:n,s:n,s:K,s:K,s:K,s:K}",
+        "{s:s,s:n,s:I,s:I,s:I,s:I,s:I,s:n,s:n,s:K,s:K,s:K,s:K,s:K}",
         "mode", MODE_NAMES[S.mode], "slot_size", (Py_ssize_t)SLOT_SIZE, "keep", S.keep,
         "slots_in_use", S.in_use, "slots_free_resident", S.warm, "slots_free_returned", S.cold,
         "slots_carved", S.carved, "bytes_reserved", (Py_ssize_t)S.reserved,
         "bytes_committed", (Py_ssize_t)((size_t)S.committed * SLOT_SIZE),
         "bytes_returned", S.returned_bytes, "slots_handed_out", S.handed_out,
         "overflow", S.overflow,
-        "passed_through", __atomic_load_n(&S.passed_through, __ATOMIC_RELAXED));
+        "passed_through", __atomic_load_n(&S.passed_through, __ATOMIC_RELAXED),
+        "heap_trims", __atomic_load_n(&S.heap_trims, __ATOMIC_RELAXED));
     pthread_mutex_unlock(&S.lock);
     return d;
 }
@@ -414,11 +447,12 @@ static PyMethodDef METHODS[] = {
      "([(kind, address, size), ...], dropped) recorded since observe() or the last call."},
     {"current_chunk", current_chunk, METH_NOARGS,
      "Address of the running thread state's current frame data-stack chunk."},
-    {"activate", activate, METH_O,
-     "Hand out slots (entering the allocator chain if need be), keeping `keep` free ones."},
+    {"activate", activate, METH_VARARGS,
+     "activate(keep, trim_heap): hand out slots (entering the allocator chain if need be)."},
     {"deactivate", deactivate, METH_NOARGS,
      "Stop handing out slots; True if removed, False if draining (slots still in use)."},
-    {"trim", trim, METH_NOARGS, "Return every free slot's memory now; the bytes returned."},
+    {"trim", trim, METH_NOARGS,
+     "Return every free slot's memory (and glibc's free heap) now; the slot bytes returned."},
     {"owns", owns, METH_O, "Whether an address lies in the slots' reservation."},
     {"stats", stats, METH_NOARGS, "The shim's counters, as a dict."},
     {NULL, NULL, 0, NULL},

@@ -20,8 +20,11 @@ turns off.
   and give it back to it. That is checked, not assumed: the first ``install()`` watches
   (shim in pass-through mode) one new greenlet run and end.
 - At most ``keep`` free slots stay resident; every slot freed beyond that goes back to
-  the OS at once (``madvise(MADV_DONTNEED)``), so RSS returns near its level after a
-  burst of connections.
+  the OS at once (``madvise(MADV_DONTNEED)``). The rest of what a burst of connections
+  leaves is glibc's: freed heap memory (greenlet stack copies, sockets, buffers) that
+  glibc keeps. With ``trim_heap`` (the default), when the slots in use fall to a quarter
+  of their peak (a peak of 256 or more), the shim calls ``malloc_trim(0)`` once, so RSS
+  returns near its level before the burst.
 - ``uninstall()`` with slots still in use (a suspended greenlet holds its slot: gevent's
   hub, for one) cannot take the shim out of the chain, since whoever frees a chunk calls
   the allocator installed at that moment: it stops handing out slots ("draining"), takes
@@ -78,6 +81,7 @@ class _RawStats(TypedDict):
     slots_handed_out: int
     overflow: int
     passed_through: int
+    heap_trims: int
 
 
 class _Extension(Protocol):
@@ -89,7 +93,7 @@ class _Extension(Protocol):
     def observe(self) -> None: ...
     def events(self) -> tuple[list[tuple[str, int, int]], int]: ...
     def current_chunk(self) -> int | None: ...
-    def activate(self, keep: int, /) -> None: ...
+    def activate(self, keep: int, trim_heap: bool, /) -> None: ...
     def deactivate(self) -> bool: ...
     def trim(self) -> int: ...
     def owns(self, address: int, /) -> bool: ...
@@ -113,6 +117,7 @@ class Stats:
     slots_handed_out: int  # since the module was loaded
     overflow: int  # chunk requests the original allocator served: reservation full
     passed_through: int  # requests served by the original allocator
+    heap_trims: int  # malloc_trim(0) calls at the end of a burst (and by trim())
 
 
 def _load() -> tuple[_Extension | None, str]:
@@ -151,10 +156,11 @@ def installed() -> bool:
     return _ext is not None and _ext.stats()["mode"] == "active"
 
 
-def install(keep: int = DEFAULT_KEEP) -> bool:
-    """Install the accelerator, keeping at most ``keep`` free slots resident; True if it
-    is installed (again: idempotent; a new ``keep`` applies at once), False with
-    ``reason()`` if not. Never raises for an unfit interpreter."""
+def install(keep: int = DEFAULT_KEEP, trim_heap: bool = True) -> bool:
+    """Install the accelerator, keeping at most ``keep`` free slots resident and, with
+    ``trim_heap``, trimming glibc's heap at the end of a burst. True if it is installed
+    (again: idempotent; new arguments apply at once), False with ``reason()`` if not.
+    Never raises for an unfit interpreter."""
     global _reason
     if keep < 0:
         raise ValueError(f"keep must be >= 0, not {keep}")
@@ -166,7 +172,7 @@ def install(keep: int = DEFAULT_KEEP) -> bool:
         if problem:
             _reason = problem
             return False
-        _ext.activate(keep)
+        _ext.activate(keep, trim_heap)
         _reason = None
         return True
 
@@ -183,14 +189,15 @@ def uninstall() -> bool:
 
 
 def trim() -> int:
-    """Give the memory of every free slot back to the OS now; returns the bytes."""
+    """Give the memory of every free slot, and glibc's free heap memory, back to the OS
+    now; returns the slots' bytes."""
     return 0 if _ext is None else _ext.trim()
 
 
 def stats() -> Stats:
     """The shim's counters."""
     if _ext is None:
-        return Stats("off", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        return Stats("off", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     return Stats(**_ext.stats())
 
 
