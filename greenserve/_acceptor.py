@@ -86,6 +86,10 @@ _DATA_ENDED = (EOFError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 # (two wake-ups per second of an exhausted process cost nothing measurable).
 MIN_BACKOFF = 0.01
 MAX_BACKOFF = 0.5
+# A reclaimed connection frees its slot as soon as its handler sees its end of file; one
+# whose handler does not end within this many seconds no longer holds up the next
+# reclaim (the slot it keeps is the handler's fault, not the waiting clients').
+RECLAIM_GRACE = 1.0
 # At most one log line per kind of accept error per this many seconds.
 LOG_INTERVAL = 5.0
 
@@ -180,7 +184,7 @@ class Acceptor:
         limit = options.max_connections
         self._limit = limit if limit is not None else float("inf")
         self.max_accepts_per_batch = options.max_accepts_per_batch
-        self.drop_incoming = options.drop_incoming
+        self._drop_incoming = options.drop_incoming
         self._on_error = on_error if on_error is not None else self._log_handler_error
         self._on_fatal = on_fatal
         # Connection fibers are forked from the hub: they get a copy of the context of
@@ -221,6 +225,7 @@ class Acceptor:
         # socket -> (how to end it, bytes received by then). See reclaimable().
         self._reclaimable: dict[gsocket.socket, tuple[Reclaim | None, Any]] = {}
         self._reclaiming: gsocket.socket | None = None  # reclaimed, not yet released
+        self._reclaim_timer: Any = None  # bounds how long _reclaiming waits
         self._owner_of: dict[Any, gsocket.socket] = {}  # TLS wrapper -> accepted socket
         self.active = 0
         self.stats = {"accepted": 0, "active": 0, "dropped": 0, "handler_errors": 0,
@@ -239,6 +244,17 @@ class Acceptor:
     @property
     def max_connections(self) -> int | None:
         return None if self._limit == float("inf") else int(self._limit)
+
+    @property
+    def drop_incoming(self) -> bool:
+        """While True, each accepted connection is closed at once (and counted in
+        ``stats["dropped"]``); at the limit nothing is accepted, nor reclaimed for."""
+        return self._drop_incoming
+
+    @drop_incoming.setter
+    def drop_incoming(self, flag: bool) -> None:
+        self._drop_incoming = flag
+        self._update()
 
     @property
     def watching(self) -> bool:
@@ -316,6 +332,8 @@ class Acceptor:
             self._accepting = False
             self._update()
             self._timer.close()
+            if self._reclaim_timer is not None:
+                self._reclaim_timer.close()
             for w in self._watchers:
                 w.close()
         if close_listeners:
@@ -403,8 +421,10 @@ class Acceptor:
                 and not self._paused
                 and (self.active < self._limit
                      # At the limit: still watch, to reclaim an idle connection for a
-                     # client waiting in the backlog (one at a time).
-                     or (bool(self._reclaimable) and self._reclaiming is None)))
+                     # client waiting in the backlog (one at a time), unless such a
+                     # client would be dropped anyway.
+                     or (bool(self._reclaimable) and self._reclaiming is None
+                         and not self._drop_incoming)))
         if want == self._watching:
             return
         self._watching = want
@@ -443,7 +463,8 @@ class Acceptor:
             # Woken at the limit: a client waits in the backlog. Make room for it (the
             # next wake-up, after that release, accepts it). Only here: reaching the
             # limit during a batch says nothing of a client waiting.
-            self._reclaim_one()
+            if not self._drop_incoming:
+                self._reclaim_one()
             return
         for _ in range(self.max_accepts_per_batch):
             if not self._watching or self.active >= self._limit:
@@ -488,7 +509,7 @@ class Acceptor:
         self._update()
 
     def _take(self, fd: int, addr: Any, family: int, nodelay: bool) -> None:
-        if self.drop_incoming:
+        if self._drop_incoming:
             os.close(fd)
             self.stats["dropped"] += 1
             return
@@ -655,6 +676,7 @@ class Acceptor:
                 # partial record out of the kernel): not idle after all.
                 continue
             self._reclaiming = sock
+            self._reclaim_deadline()
             self.stats["reclaimed"] += 1
             log.debug("%s: at %d connections, closing an idle one for a waiting client",
                       self.name, self.active)
@@ -662,6 +684,17 @@ class Acceptor:
                 _gevent.kernel_shutdown(conn)
             else:
                 gevent.get_hub().loop.run_callback(reclaim)
+        self._update()
+
+    def _reclaim_deadline(self) -> None:
+        # A reclaimed connection whose handler does not end (it ignores its end of file)
+        # must not stop reclaiming for good: after RECLAIM_GRACE the next idle one may go.
+        if self._reclaim_timer is None:
+            self._reclaim_timer = gevent.get_hub().loop.timer(RECLAIM_GRACE)
+        self._reclaim_timer.start(self._reclaim_overdue)
+
+    def _reclaim_overdue(self) -> None:
+        self._reclaiming = None
         self._update()
 
     def _unserved(self, sock: gsocket.socket, peer: Any) -> None:
@@ -705,6 +738,8 @@ class Acceptor:
             self._reclaimable.pop(sock, None)
         if self._reclaiming is sock:
             self._reclaiming = None
+            assert self._reclaim_timer is not None
+            self._reclaim_timer.stop()
         if self._conns.pop(sock, _GONE) is _GONE:
             return  # released already
         self.active -= 1

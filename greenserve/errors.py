@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,6 +101,9 @@ class Cancelled(gevent.GreenletExit):  # type: ignore[misc]  # gevent is untyped
 
 # errno values that mean "the established flow is broken".
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+# TLS's words for a flow the peer broke: its connection ended without a close_notify
+# (the socket's reset or end of file, as the TLS layer reports them).
+_TLS_BROKEN = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 def add_note(exc: BaseException, note: str) -> None:
@@ -140,7 +144,7 @@ def translate(exc: OSError, *, connecting: bool = False) -> OSError:
         if code in _RESET_ERRNOS or code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return _converted(exc, ConnectionFailure)
         return exc
-    if code in _RESET_ERRNOS:
+    if code in _RESET_ERRNOS or isinstance(exc, _TLS_BROKEN):
         return _converted(exc, ConnectionReset)
     return exc
 
