@@ -48,6 +48,9 @@ SERVER_STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 LOADGEN_SLACK = 60.0  # seconds allowed past a load generator run's own duration
 SETTLE_SECONDS = 0.5  # after warm-up connections close, before reading "before" RSS
 WARMUP_IDLE_CONNS = 100
+# Scenario g: BURST_CONNS connections in rounds of BURST_ROUND held at once (what the
+# gevent baseline's Pool(10000) serves), then BURST_IDLE seconds idle before "after".
+BURST_CONNS, BURST_ROUND, BURST_IDLE = 50_000, 10_000, 2.0
 BASELINE = "gevent"
 MAX_FAILURES = 2  # a server that failed this often in a scenario skips its remaining repetitions
 BUDGET_MINUTES = 14.0  # the default run is planned for ~12 minutes; stop measuring past this
@@ -80,7 +83,7 @@ class Metric:
 class Scenario:
     id: str
     title: str
-    mode: str  # echo | connect | idle
+    mode: str  # echo | connect | idle | burst
     metrics: tuple[Metric, ...]
     servers: tuple[str, ...]
     loadgen_args: tuple[str, ...] = ()
@@ -114,6 +117,8 @@ CPS = Metric("cps", "connections/s", True)
 P50 = Metric("p50_us", "p50 µs", False, 1)
 P99 = Metric("p99_us", "p99 µs", False, 1)
 KIB = Metric("kib_per_conn", "KiB/conn", False, 1)
+PEAK = Metric("peak_mib", "RSS at the peak, MiB", False, 1)
+RETAINED = Metric("retained_mib", "RSS after − before, MiB", False, 1)
 
 SERVERS = [
     Server("gevent", "gevent StreamServer", "gevent_streamserver.py"),
@@ -123,6 +128,13 @@ SERVERS = [
     Server("uvloop-protocol", "uvloop Protocol", "uvloop_protocol.py"),
     Server("trio", "trio serve_tcp", "trio_serve_tcp.py"),
     Server("greenserve-net", "greenserve net.run_server", "greenserve_net.py", (), True),
+    Server(
+        "greenserve-net+speedups",
+        "greenserve net.run_server + speedups",
+        "greenserve_net.py",
+        ("--speedups",),
+        True,
+    ),
     Server("greenserve-tcp", "greenserve tcp.Server", "greenserve_tcp.py", (), True),
     Server(
         "greenserve-streamserver", "greenserve StreamServer", "greenserve_streamserver.py", (), True
@@ -175,6 +187,14 @@ SCENARIOS = [
         ("--workers", "50"),
     ),
     Scenario("e", "server RSS per idle connection", "idle", (KIB,), MAIN_SERVERS),
+    Scenario(
+        "g",
+        f"server RSS after a burst: {BURST_CONNS:,} connections, {BURST_ROUND:,} at a time, "
+        f"then {BURST_IDLE:g} s idle",
+        "burst",
+        (PEAK, RETAINED),
+        (BASELINE, "greenserve-net", "greenserve-net+speedups"),
+    ),
     Scenario(
         "f",
         "connect rate, 50 workers, tcp.Server max_accepts_per_batch",
@@ -456,11 +476,37 @@ def measure_idle(port: int, settings: Settings, server_pid: int) -> tuple[Result
     return value, settings.idle_conns - established
 
 
+def measure_burst(port: int, settings: Settings, server_pid: int) -> tuple[Result, int]:
+    """Server RSS before, at the peak of and after a burst of idle connections (MiB).
+
+    Whatever the server keeps per connection should go once they are gone: "after" is
+    read BURST_IDLE seconds after the last round closed. Warmed up as in measure_idle.
+    """
+    hold_idle(port, WARMUP_IDLE_CONNS, settings, server_pid)
+    time.sleep(SETTLE_SECONDS)
+    before = vm_rss_kib(server_pid)
+    peak, missing = before, 0
+    for _ in range(BURST_CONNS // BURST_ROUND):
+        rss, established = hold_idle(port, BURST_ROUND, settings, server_pid)
+        peak, missing = max(peak, rss), missing + BURST_ROUND - established
+    time.sleep(BURST_IDLE)
+    after = vm_rss_kib(server_pid)
+    value = {
+        "peak_mib": peak / 1024,
+        "retained_mib": (after - before) / 1024,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+    }
+    return value, missing
+
+
 def measure_once(scenario: Scenario, server: Server, settings: Settings) -> tuple[Result, int]:
     proc, port = start_server(server, settings)
     try:
         if scenario.mode == "idle":
             result = measure_idle(port, settings, proc.pid)
+        elif scenario.mode == "burst":
+            result = measure_burst(port, settings, proc.pid)
         else:
             result = measure_traffic(scenario, port, settings)
         if proc.poll() is not None:
@@ -655,7 +701,7 @@ def git_commit() -> str:
 
 
 def selection(only: list[str]) -> tuple[list[Scenario], dict[str, list[Server]]]:
-    """--only NAME matches scenario ids (a-f) and server keys (substring)."""
+    """--only NAME matches scenario ids (a-g) and server keys (substring)."""
     tokens = [t for item in only for t in item.split(",") if t]
     scenario_ids = {s.id for s in SCENARIOS}
     wanted_ids = [t for t in tokens if t in scenario_ids]
@@ -663,7 +709,7 @@ def selection(only: list[str]) -> tuple[list[Scenario], dict[str, list[Server]]]
     unknown = [t for t in server_tokens if not any(t in s.key for s in SERVERS)]
     if unknown:
         sys.exit(
-            f"--only: {', '.join(unknown)} matches no scenario (a-f) and no server "
+            f"--only: {', '.join(unknown)} matches no scenario (a-g) and no server "
             f"({', '.join(SERVER_BY_KEY)})"
         )
     scenarios = [s for s in SCENARIOS if not wanted_ids or s.id in wanted_ids]
@@ -692,7 +738,7 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="scenario id (a-f) or server name substring; repeatable or comma-separated",
+        help="scenario id (a-g) or server name substring; repeatable or comma-separated",
     )
     p.add_argument("--reps", type=int, help="repetitions (default 3; --quick 1)")
     p.add_argument("--duration", type=float, help="measured seconds per run (default 3)")
