@@ -119,6 +119,10 @@ P99 = Metric("p99_us", "p99 µs", False, 1)
 KIB = Metric("kib_per_conn", "KiB/conn", False, 1)
 PEAK = Metric("peak_mib", "RSS at the peak, MiB", False, 1)
 RETAINED = Metric("retained_mib", "RSS after − before, MiB", False, 1)
+# Server CPU (user + system, from /proc/PID/stat) over the whole loadgen run, warm-up
+# included, divided by every connection of that run: steadier than connections/s on a
+# shared machine, because it does not depend on how much CPU the server was given.
+CPU = Metric("cpu_us_per_conn", "server CPU µs/conn", False, 1)
 
 SERVERS = [
     Server("gevent", "gevent StreamServer", "gevent_streamserver.py"),
@@ -182,7 +186,7 @@ SCENARIOS = [
         "d",
         "connect rate, 50 workers (connect, echo 16 B, close)",
         "connect",
-        (CPS,),
+        (CPS, CPU),
         MAIN_SERVERS,
         ("--workers", "50"),
     ),
@@ -199,7 +203,7 @@ SCENARIOS = [
         "f",
         "connect rate, 50 workers, tcp.Server max_accepts_per_batch",
         "connect",
-        (CPS,),
+        (CPS, CPU),
         BATCH_SERVERS,
         ("--workers", "50"),
     ),
@@ -414,7 +418,15 @@ def vm_rss_kib(pid: int) -> int:
 # --------------------------------------------------------------------------- measurements
 
 
-def measure_traffic(scenario: Scenario, port: int, settings: Settings) -> tuple[Result, int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_traffic(scenario: Scenario, port: int, settings: Settings,
+                    server_pid: int) -> tuple[Result, int]:
+    cpu_before = cpu_seconds(server_pid)
     args = [
         *scenario.loadgen_args,
         "--duration",
@@ -425,6 +437,10 @@ def measure_traffic(scenario: Scenario, port: int, settings: Settings) -> tuple[
     result = run_loadgen(
         scenario.mode, port, args, settings, settings.duration + settings.warmup + LOADGEN_SLACK
     )
+    total = result.get("connections_total")
+    if total:
+        cpu = cpu_seconds(server_pid) - cpu_before
+        result["cpu_us_per_conn"] = cpu * 1e6 / total
     return result, int(result.get("errors", 0))
 
 
@@ -508,7 +524,7 @@ def measure_once(scenario: Scenario, server: Server, settings: Settings) -> tupl
         elif scenario.mode == "burst":
             result = measure_burst(port, settings, proc.pid)
         else:
-            result = measure_traffic(scenario, port, settings)
+            result = measure_traffic(scenario, port, settings, proc.pid)
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode} during the run")
         return result
