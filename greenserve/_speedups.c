@@ -95,6 +95,12 @@ mode_now(void)
 }
 
 static void
+set_mode(enum mode mode) /* lock held */
+{
+    __atomic_store_n(&S.mode, mode, __ATOMIC_RELAXED);
+}
+
+static void
 record(char kind, void *ptr, size_t size)
 {
     pthread_mutex_lock(&S.lock);
@@ -249,7 +255,7 @@ static void
 enter_chain(enum mode mode)
 {
     PyObject_GetArenaAllocator(&S.orig);
-    S.mode = mode;
+    set_mode(mode);
     PyObject_SetArenaAllocator(&OURS);
 }
 
@@ -355,7 +361,7 @@ activate(PyObject *m, PyObject *args)
         S.keep = (uint32_t)keep;
         S.trim_heap = heap;
         return_warm(S.keep); /* a lower keep applies now, not at the next free */
-        S.mode = ACTIVE;
+        set_mode(ACTIVE);
     }
     pthread_mutex_unlock(&S.lock);
     if (error) {
@@ -392,9 +398,9 @@ deactivate(PyObject *m, PyObject *unused)
         PyObject_SetArenaAllocator(&S.orig);
         if (S.base)
             release_reservation();
-        S.mode = OFF;
+        set_mode(OFF);
     } else {
-        S.mode = DRAINING;
+        set_mode(DRAINING);
         return_warm(0);
         result = Py_False;
     }

@@ -57,9 +57,10 @@ def report(**values):
 def run(script: str, **env: str) -> dict[str, Any]:
     """Runs PRELUDE + script in a fresh interpreter; its last output line, as JSON."""
     code = PRELUDE + textwrap.dedent(script)
-    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
+    inherited = {k: v for k, v in os.environ.items()  # a tox env's own switches
+                 if k not in (speedups.ENV, "GREENSERVE_SPEEDUPS_TESTS")}
+    full_env = {**inherited, **env, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    full_env.pop("GREENSERVE_SPEEDUPS_TESTS", None)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=full_env, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, f"script failed:\n{proc.stdout}\n{proc.stderr}"
