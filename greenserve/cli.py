@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import gevent
 from gevent.event import Event
 
-from . import _tls, net
+from . import _tls, net, speedups
 from ._version import __version__
 from .address import Address, Fd, Tcp, Unix, parse_address
 from .flow import Flow, ListeningSocket, open_listener
@@ -159,6 +159,10 @@ def _connection_options(p: _Parser) -> None:
                    help="on the first SIGTERM/SIGINT, give open connections S seconds, then "
                         "close them; a second signal closes them at once "
                         f"(default: {DEFAULT_SHUTDOWN_TIMEOUT:g})")
+    p.add_argument("--no-speedups", dest="speedups", action="store_false",
+                   help="do not install the C accelerator of greenlet stack chunks "
+                        "(docs/speedups.md); GREENSERVE_SPEEDUPS=0 does the same (default: "
+                        "installed where it was built)")
     p.add_argument("--no-reclaim-idle", dest="reclaim_idle", action="store_false",
                    help="at --max-connections, never close an idle connection (one waiting "
                         "for its client's next message) to admit a waiting client (default: "
@@ -332,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+        speedups.install_default(args.speedups)  # before --processes forks: children keep it
         run(args)
     except UsageError as exc:
         print(f"greenserve: error: {exc}", file=sys.stderr)

@@ -51,7 +51,7 @@ from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers import base
 from gunicorn.workers.base_async import AsyncWorker
 
-from . import _gevent
+from . import _gevent, speedups
 from ._acceptor import Acceptor, ServerOptions
 from .address import Tcp, Unix, as_accepted
 from .flow import Flow
@@ -132,6 +132,7 @@ class _EngineWorker(base.Worker):  # type: ignore[misc]  # gunicorn is untyped
         self.patch()
         hub.reinit()
         self._route_engine_log()
+        speedups.install_default(self.install_speedups)
         super().init_process()  # signals, the reloader, load_wsgi(), then run()
 
     def init_signals(self) -> None:
@@ -192,6 +193,10 @@ class _EngineWorker(base.Worker):  # type: ignore[misc]  # gunicorn is untyped
             raise
 
     # -- serving and stopping ------------------------------------------------------------------
+
+    # The C accelerator of greenlet stack chunks (docs/speedups.md), installed in each
+    # worker process; GREENSERVE_SPEEDUPS=0, or a subclass setting False, turns it off.
+    install_speedups = True
 
     # At worker_connections, a connection waiting for its next keep-alive request may be
     # closed to admit a client waiting in the backlog (the longest idle first; never one

@@ -467,7 +467,8 @@ def test_help_shows_every_option_with_a_description_and_its_default() -> None:
                 "--certfile": "(default: none", "--keyfile": "(default: the key in",
                 "--proxy-protocol": "(default: off)", "--idle-timeout": "(default: none)",
                 "--shutdown-timeout": "(default: 10)", "--unix-mode": "(default: 777 minus",
-                "--no-reclaim-idle": "(default: the longest idle is closed"}
+                "--no-reclaim-idle": "(default: the longest idle is closed",
+                "--no-speedups": "(default: installed where it was built)"}
     assert set(entries) == {"-h", "--version", *defaults}
     for option, shown in defaults.items():
         assert shown in entries[option], entries[option]
@@ -515,3 +516,21 @@ def test_the_builtin_echo_lets_an_idle_connection_go_for_a_waiting_client(reclai
                 first.close()
                 assert second.recv(10) == b"two"
         stop_ok(proc)
+
+
+@pytest.mark.parametrize("flag", ["", "--no-speedups"])
+def test_the_command_installs_the_accelerator_unless_told_not_to(flag: str) -> None:
+    from greenserve import speedups
+
+    args = ["echo", "--bind", "127.0.0.1:0", "--log-level", "debug", *filter(None, [flag])]
+    with cli(*args, GREENSERVE_SPEEDUPS="1") as (proc, addrs):
+        with socket.create_connection(("127.0.0.1", port_of(addrs[0])), timeout=10) as c:
+            c.sendall(b"x")
+            assert c.recv(10) == b"x"
+        err = stop_ok(proc)
+    if flag:
+        assert "speedups: off (turned off by the caller)" in err
+    elif speedups.available():
+        assert "speedups: installed" in err
+    else:
+        assert "speedups: not installed" in err
