@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import socket as _stdsocket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -87,7 +87,41 @@ class Reclaimer(Protocol):
     def busy(self, conn: Any) -> None: ...
 
 
-class Flow(_Owned):
+class ReclaimMarks:
+    """The idle mark a server's connection gives its server (``Flow.idle``,
+    ``Reader.idle``): one rule for both. The class using it has ``_reclaimer`` (the
+    server, or None), ``_sock``, ``_idle`` (marked now) and ``_heard`` (a byte was
+    read: before that a connection is new, not idle)."""
+
+    # No slots of its own: Flow and Reader hold these four in theirs (an empty base
+    # keeps their instances without a __dict__: memory per connection).
+    __slots__ = ()
+    _reclaimer: Reclaimer | None
+    _sock: Any
+    _idle: bool
+    _heard: bool
+
+    @contextmanager
+    def _idle_while(self, *, buffered: bool) -> Iterator[None]:
+        reclaimer = self._reclaimer
+        if reclaimer is None or self._idle or not self._heard or buffered:
+            yield  # new (its first message may be on its way), or bytes are buffered
+            return
+        self._idle = True  # type: ignore[misc]  # a slot of the subclass (see above)
+        reclaimer.reclaimable(self._sock)
+        try:
+            yield
+        finally:
+            self._busy()
+
+    def _busy(self) -> None:
+        if self._idle:
+            self._idle = False  # type: ignore[misc]  # a slot of the subclass
+            assert self._reclaimer is not None
+            self._reclaimer.busy(self._sock)
+
+
+class Flow(_Owned, ReclaimMarks):
     """A connected stream socket (TCP or unix).
 
     Error handling: ``ECONNRESET``/``EPIPE``/``ECONNABORTED`` raise ``ConnectionReset``.
@@ -138,8 +172,7 @@ class Flow(_Owned):
                 reraise(exc)
         return self._local
 
-    @contextmanager
-    def idle(self) -> Iterator[None]:
+    def idle(self) -> AbstractContextManager[None]:
         """Say "this connection waits for the peer's next message" while inside.
 
         A server at its connection limit (``max_connections``) with a client waiting
@@ -159,22 +192,7 @@ class Flow(_Owned):
 
         Outside a server (or with ``reclaim_idle=False``) it does nothing.
         """
-        reclaimer = self._reclaimer
-        if reclaimer is None or self._idle or not self._heard:
-            yield  # (before its first message a connection is not idle: it is new)
-            return
-        self._idle = True
-        reclaimer.reclaimable(self._sock)
-        try:
-            yield
-        finally:
-            self._busy()
-
-    def _busy(self) -> None:
-        if self._idle:
-            self._idle = False
-            assert self._reclaimer is not None
-            self._reclaimer.busy(self._sock)
+        return self._idle_while(buffered=False)
 
     def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """Read up to ``max_bytes``; ``b""`` at end of file."""

@@ -33,7 +33,7 @@ import socket as _stdsocket
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, NoReturn, Union
 
@@ -50,7 +50,7 @@ from .errors import (
     WriterBufferAgeExceeded,
     translate,
 )
-from .flow import DEFAULT_READ_SIZE, Reclaimer
+from .flow import DEFAULT_READ_SIZE, Reclaimer, ReclaimMarks
 
 __all__ = [
     "CLOSE_FLUSH_TIMEOUT",
@@ -113,7 +113,7 @@ def _closed_error(what: str) -> ValueError:
     return ValueError(f"I/O operation on closed {what}")
 
 
-class Reader:
+class Reader(ReclaimMarks):
     """Buffered reading from a connected stream socket: bytes, exact counts, lines.
 
     ``sock`` is a connected gevent stream socket (TCP, unix or TLS). Each method blocks
@@ -268,8 +268,7 @@ class Reader:
             raise StopIteration
         return line
 
-    @contextmanager
-    def idle(self) -> Iterator[None]:
+    def idle(self) -> AbstractContextManager[None]:
         """Say "this connection waits for the peer's next message" while inside.
 
         A server at its connection limit with a client waiting may then close this
@@ -289,22 +288,7 @@ class Reader:
 
         Outside a server (or with ``reclaim_idle=False``) it does nothing.
         """
-        reclaimer = self._reclaimer
-        if reclaimer is None or self._idle or not self._heard or self._pos < len(self._buf):
-            yield  # (new: its first message may be on its way; or bytes are buffered)
-            return
-        self._idle = True
-        reclaimer.reclaimable(self._sock)
-        try:
-            yield
-        finally:
-            self._busy()
-
-    def _busy(self) -> None:
-        if self._idle:
-            self._idle = False
-            assert self._reclaimer is not None
-            self._reclaimer.busy(self._sock)
+        return self._idle_while(buffered=self._pos < len(self._buf))
 
     # -- closing ------------------------------------------------------------------------
 
