@@ -90,3 +90,20 @@ def make_acceptor(listeners: list[Any], handler: Any, *, sw: Switch, **kw: Any) 
     options = ServerOptions(**{k: v for k, v in kw.items() if k in names})
     rest = {k: v for k, v in kw.items() if k not in names}
     return Acceptor(listeners, handler, options, sw=sw, **rest)
+
+
+def tls_over(raw: Any, ctx: Any, hostname: str | None = "localhost", *,
+             server_side: bool = False) -> Any:
+    """A gevent TLS socket over the connected gevent socket ``raw`` (a client, or the
+    server side), handshake done: through greenserve's one gevent boundary, as the
+    library wraps its own sockets."""
+    from greenserve import _gevent
+
+    tls = _gevent.tls_wrap(raw, ctx, server_side=server_side,
+                           server_hostname=None if server_side else hostname)
+    try:
+        tls.do_handshake()
+    except BaseException:
+        tls.close()
+        raise
+    return tls

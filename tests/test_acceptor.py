@@ -22,7 +22,7 @@ from greenserve import Cancelled, ConnectTimeout, Switch, Tcp, Unix
 from greenserve._acceptor import MAX_BACKOFF, MIN_BACKOFF, Acceptor
 from greenserve.flow import open_listener
 
-from .helpers import client, closed_by_server, make_acceptor, recv_all, shut_down_reading
+from .helpers import client, closed_by_server, make_acceptor, recv_all, shut_down_reading, tls_over
 
 
 def echo(sock: gsocket.socket, peer: Any) -> None:
@@ -286,10 +286,7 @@ def test_bad_arguments_name_the_argument() -> None:
 
 
 def tls_client(port: int, ctx: ssl.SSLContext) -> Any:
-    raw = gsocket.create_connection(("127.0.0.1", port), timeout=10)
-    from gevent import ssl as gssl
-
-    return gssl.SSLSocket(sock=raw, server_hostname="localhost", _context=ctx)
+    return tls_over(gsocket.create_connection(("127.0.0.1", port), timeout=10), ctx)
 
 
 def test_tls_round_trip(certs: Any) -> None:

@@ -26,7 +26,7 @@ from gevent.pool import Group, Pool
 from greenserve import Cancelled, Tcp, Unix
 from greenserve.server import ABORT_GRACE, StreamServer
 
-from .helpers import client, closed_by_server, recv_all, shut_down_reading
+from .helpers import client, closed_by_server, recv_all, shut_down_reading, tls_over
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -70,8 +70,7 @@ def request(server: StreamServer, data: bytes = b"") -> bytes:
 
 
 def tls_client(server: StreamServer, ctx: ssl.SSLContext) -> Any:
-    raw = client(port_of(server))
-    return gssl.SSLSocket(sock=raw, server_hostname="localhost", _context=ctx)
+    return tls_over(client(port_of(server)), ctx)
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -682,8 +681,7 @@ def test_wrap_socket_and_handle(certs: Any) -> None:
     left, right = gsocket.socketpair()
 
     def talk() -> None:
-        with gssl.SSLSocket(sock=right, server_hostname="localhost",
-                            _context=certs.client_context()) as tls:
+        with tls_over(right, certs.client_context()) as tls:
             tls.sendall(b"hi")
             tls.recv(1)  # until the server closes
 

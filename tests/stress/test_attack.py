@@ -32,6 +32,7 @@ from gevent.event import Event
 
 from greenserve import Switch, Writer, net, tcp
 
+from ..helpers import tls_over
 from .support import wait_until
 
 pytestmark = pytest.mark.timeout(20)
@@ -55,9 +56,7 @@ def connect_to(addr: Any, timeout: float = TIMEOUT) -> gsocket.socket:
 
 
 def tls_connect(addr: Any, certs: Any) -> gssl.SSLSocket:
-    raw = connect_to(addr)
-    return gssl.SSLSocket(sock=raw, server_hostname="localhost",
-                          _context=certs.client_context())
+    return tls_over(connect_to(addr), certs.client_context())
 
 
 def rst(sock: Any) -> None:
@@ -221,10 +220,9 @@ def test_a_reader_keeping_pace_is_never_cut_by_buffer_age_limit(transport: str,
         server_side, _ = lsock.accept()
         sw.attach(server_side)
         if transport == "tls":
-            handshake = sw.fork_promise(gssl.SSLSocket, sock=server_side, server_side=True,
-                                        _context=certs.server_context())
-            client = sw.attach(gssl.SSLSocket(sock=client, server_hostname="localhost",
-                                              _context=certs.client_context()))
+            handshake = sw.fork_promise(tls_over, server_side, certs.server_context(),
+                                        server_side=True)
+            client = sw.attach(tls_over(client, certs.client_context()))
             server_side = sw.attach(handshake.get(timeout=TIMEOUT))
         failures: list[BaseException] = []
         writer = Writer(server_side, buffer_age_limit=0.5, on_failure=failures.append)

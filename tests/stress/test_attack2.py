@@ -18,29 +18,18 @@ from typing import Any
 
 import gevent
 import pytest
-from gevent import socket as gsocket
-from gevent import ssl as gssl
 from gevent.event import Event
 
 from greenserve import Switch, net, tcp
 from greenserve.errors import ConnectionReset
 
+from ..helpers import tls_over
 from .support import wait_until
+from .test_attack import connect_to
 
 pytestmark = pytest.mark.timeout(20)
 
 TIMEOUT = 5.0
-
-
-def connect_to(addr: Any, timeout: float = TIMEOUT) -> gsocket.socket:
-    sock = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(addr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def port_of(lsock: Any) -> int:
@@ -204,8 +193,7 @@ def test_a_peer_that_resets_mid_write_is_a_connection_reset(tls: bool, certs: An
         raw = connect_to(("127.0.0.1", server.listening_on))
         client: Any = raw
         if tls:
-            client = gssl.SSLSocket(sock=raw, server_hostname="localhost",
-                                    _context=certs.client_context())
+            client = tls_over(raw, certs.client_context())
         try:
             assert client.recv(1000)
         finally:
@@ -241,8 +229,7 @@ def test_tls_large_mixed_writes_arrive_byte_exact_and_flush_returns(certs: Any) 
                                buffer_age_limit=1.0)
     with closing_server(server):
         raw = connect_to(("127.0.0.1", server.listening_on))
-        client = gssl.SSLSocket(sock=raw, server_hostname="localhost",
-                                _context=certs.client_context())
+        client = tls_over(raw, certs.client_context())
         try:
             got = bytearray()
             n = 0

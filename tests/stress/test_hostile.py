@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 import gevent
 import pytest
 from gevent import socket as gsocket
-from gevent import ssl as gssl
 from gevent.event import Event
 
 from greenserve import LineTooLong, Reader, Writer, WriterBufferAgeExceeded, tcp
 
+from ..helpers import tls_over
 from .support import connect, engine, recv_exactly, wait_until
 
 IDLE_TIMEOUT = 0.3
@@ -156,9 +156,7 @@ def normal_round_trips(make: Callable[[], Any], rtts: list[float], tag: bytes) -
 
 
 def tls_client(port: int, certs: Any) -> Any:
-    raw = connect(port)
-    return gssl.SSLSocket(sock=raw, server_hostname="localhost",
-                          _context=certs.client_context())
+    return tls_over(connect(port), certs.client_context())
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import gevent
 import pytest
-from gevent import ssl as gssl
 
+from ..helpers import tls_over
 from ..tls import make_certs
 from .support import Gauge, connect, engine, net_server, recv_exactly, stream_server, wait_until
 
@@ -58,7 +58,7 @@ def stdlib_client(port: int, cafile: str) -> tuple[str | None, bytes]:
 
 
 def gevent_client(port: int, ctx: ssl.SSLContext, hostname: str = "localhost") -> bytes:
-    with gssl.SSLSocket(sock=connect(port), server_hostname=hostname, _context=ctx) as tls:
+    with tls_over(connect(port), ctx, hostname) as tls:
         tls.sendall(DATA)
         return recv_exactly(tls, len(DATA))
 
