@@ -489,3 +489,18 @@ def test_import_greenserve_does_not_import_gunicorn() -> None:
             "assert not monkey.is_module_patched('socket')")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=DEADLINE,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.no_leak_check
+@pytest.mark.parametrize("worker", ["Worker", "keep_worker.PlainWorker"])
+def test_the_worker_installs_the_accelerator_unless_its_subclass_says_not(
+        worker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from greenserve import speedups
+
+    monkeypatch.setenv("GREENSERVE_SPEEDUPS", "1")  # tox's env turns it off otherwise
+    with gunicorn("wsgi_app:app", "--log-level", "debug", worker=worker) as g:
+        line = g.wait_for(r"speedups: (installed|off|not installed)").group(0)
+    if worker != "Worker":
+        assert line == "speedups: off"
+    elif speedups.available():
+        assert line == "speedups: installed"

@@ -263,3 +263,31 @@ def test_a_new_connection_is_not_idle_before_its_first_request() -> None:
     finally:
         server.close(close_existing_connections=True)
         assert server.close_finished.wait(5)
+
+
+@pytest.mark.no_leak_check
+@pytest.mark.parametrize("worker", ["Worker", "keep_worker.KeepWorker"])
+def test_gunicorn_worker_reclaims_unless_its_subclass_says_not(worker: str) -> None:
+    from .test_gunicorn import gunicorn
+
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    with gunicorn("wsgi_app:app", "--worker-connections", "1", "--keep-alive", "60",
+                  worker=worker) as g:
+        port = g.ports[0]
+        first = gsocket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        second = gsocket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        try:
+            first.sendall(request)
+            assert first.recv(65536).startswith(b"HTTP/1.1 200")  # now idle, kept alive
+            second.sendall(request)  # waits in the backlog
+            if worker == "Worker":
+                assert first.recv(65536) == b""  # reclaimed for the waiting client
+            else:
+                # A round trip after the second client arrived: still served.
+                first.sendall(request)
+                assert first.recv(65536).startswith(b"HTTP/1.1 200")
+                first.close()
+            assert second.recv(65536).startswith(b"HTTP/1.1 200")
+        finally:
+            first.close()
+            second.close()
