@@ -265,6 +265,23 @@ def test_a_new_connection_is_not_idle_before_its_first_request() -> None:
         assert server.close_finished.wait(5)
 
 
+def http_response(sock: Any) -> bytes:
+    """One whole HTTP response (head and Content-Length body), however it arrives."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"end of file inside a response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "end of file inside a response body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 @pytest.mark.no_leak_check
 @pytest.mark.parametrize("worker", ["Worker", "keep_worker.KeepWorker"])
 def test_gunicorn_worker_reclaims_unless_its_subclass_says_not(worker: str) -> None:
@@ -278,16 +295,16 @@ def test_gunicorn_worker_reclaims_unless_its_subclass_says_not(worker: str) -> N
         second = gsocket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         try:
             first.sendall(request)
-            assert first.recv(65536).startswith(b"HTTP/1.1 200")  # now idle, kept alive
+            assert http_response(first).startswith(b"HTTP/1.1 200")  # now idle, kept alive
             second.sendall(request)  # waits in the backlog
             if worker == "Worker":
                 assert first.recv(65536) == b""  # reclaimed for the waiting client
             else:
                 # A round trip after the second client arrived: still served.
                 first.sendall(request)
-                assert first.recv(65536).startswith(b"HTTP/1.1 200")
+                assert http_response(first).startswith(b"HTTP/1.1 200")
                 first.close()
-            assert second.recv(65536).startswith(b"HTTP/1.1 200")
+            assert http_response(second).startswith(b"HTTP/1.1 200")
         finally:
             first.close()
             second.close()
