@@ -133,6 +133,10 @@ class ServerOptions:
     # Connection fibers as gevent.Greenlets rather than raw greenlets (switch.RawFiber):
     # for gevent's StreamServer face, whose handlers and hub expect gevent's.
     gevent_greenlets: bool = False
+    # Handlers get gevent sockets rather than lean connections (_gevent.Conn): for
+    # faces that hand the socket itself to code expecting gevent's (StreamServer,
+    # gunicorn, tcp's create_sock). TLS connections are gevent's (SSLSocket) anyway.
+    gevent_sockets: bool = False
 
     def __post_init__(self) -> None:
         _checks.count("max_connections", self.max_connections, optional=True)
@@ -144,6 +148,7 @@ class ServerOptions:
         _checks.seconds("idle_timeout", self.idle_timeout, optional=True)
         _checks.flag("reclaim_idle", self.reclaim_idle)
         _checks.flag("gevent_greenlets", self.gevent_greenlets)
+        _checks.flag("gevent_sockets", self.gevent_sockets)
 
 
 class Acceptor:
@@ -195,6 +200,7 @@ class Acceptor:
         self._unserved_fn = self._unserved
         self._spawn = spawn
         self._lean = not options.gevent_greenlets
+        self._lean_conns = not options.gevent_sockets and options.ssl_context is None
         self.name = name
         self._init_watchers()
         self._init_counters()
@@ -513,11 +519,14 @@ class Acceptor:
             os.close(fd)
             self.stats["dropped"] += 1
             return
-        try:
-            sock = gsocket.socket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        if self._lean_conns:
+            sock: Any = _gevent.Conn(fd, family)  # closes fd if it fails
+        else:
+            try:
+                sock = gsocket.socket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
+            except BaseException:
+                os.close(fd)
+                raise
         try:
             if nodelay:
                 sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)

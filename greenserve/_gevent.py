@@ -14,6 +14,9 @@ release changes it:
 - ``SSLSocket(sock=..., _context=...)``: wrap with a stdlib ``SSLContext`` as is.
 - ``SSLSocket._sslobj.write``: one TLS write that never waits (gevent's ``send``
   honours the socket's timeout, not its ``timeout`` argument, and waits).
+- ``loop.io``/``loop.timer`` watchers started with a greenlet's ``switch``, and the hub
+  switched to directly: :class:`Conn`, the servers' lean connection, waits the way
+  gevent's ``Waiter`` does, without one.
 """
 
 from __future__ import annotations
@@ -21,20 +24,42 @@ from __future__ import annotations
 import _socket
 import errno
 import fcntl
+import os
 import select
 import socket as _stdsocket
 import ssl
 import sys
 import termios
+from time import monotonic as _monotonic
 from typing import Any
 
+import gevent
+import greenlet
 from gevent import monkey
 from gevent import socket as gsocket
 from gevent import ssl as gssl
+from gevent.exceptions import BlockingSwitchOutError, ConcurrentObjectUseError, InvalidSwitchError
 
-__all__ = ["EVENTS", "READ", "WRITE", "accept_raw", "bytes_received", "has_unread", "holds",
-           "kernel_shutdown", "peer_gone", "queued", "raw_send", "raw_socket", "receive",
-           "tls_send_nowait", "tls_wrap", "wait_readable"]
+__all__ = [
+    "EVENTS",
+    "READ",
+    "WRITE",
+    "Conn",
+    "accept_raw",
+    "bytes_received",
+    "has_unread",
+    "holds",
+    "is_plain",
+    "kernel_shutdown",
+    "peer_gone",
+    "queued",
+    "raw_send",
+    "raw_socket",
+    "receive",
+    "tls_send_nowait",
+    "tls_wrap",
+    "wait_readable",
+]
 
 _LITTLE = sys.byteorder == "little"
 # The peer shut down its sending side (Linux: POLLRDHUP; the stdlib names it on Linux).
@@ -103,7 +128,256 @@ def peer_gone(sock: Any, *, sending_ended: bool = False) -> bool:
     return sending_ended and bool(mask & _POLLRDHUP)
 
 
-def receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> Any:
+_SWITCH = greenlet.greenlet.switch
+_getcurrent = greenlet.getcurrent
+_READY = object()     # what a connection's io watcher switches into its waiting greenlet
+_TIMED_OUT = object()  # what its timer switches in
+_OWN = object()  # a wait's timeout: the connection's own
+_NONBLOCKING = os.O_RDWR | os.O_NONBLOCK
+_STREAM_NONBLOCKING = _stdsocket.SOCK_STREAM | _stdsocket.SOCK_NONBLOCK
+
+
+class Conn:
+    """A server's lean connection: the stdlib's socket object, its watchers created
+    only when a wait needs them.
+
+    What gevent's socket gives every connection up front (a socket object over the
+    stdlib one, a read and a write watcher, a ``Waiter`` per wait, a timeout object per
+    timed wait) costs memory and time per connection; a connection that reads its
+    request at once, answers and closes needs none of it. Here: one read watcher made
+    on the first wait, a write watcher only when the kernel buffer is full, a timer only
+    for a wait with a timeout; a wait starts the watcher with the waiting greenlet's
+    ``switch`` and switches to the hub directly (the shallowest stack at the blocking
+    point: a suspended connection keeps less of it). A gevent socket over the same fd is
+    built only when asked (:meth:`gevent_socket`), for code that expects one.
+
+    It has the part of the socket API greenserve uses (``recv``, ``recv_into``,
+    ``send``, ``sendall``, ``shutdown``, timeouts, ``fileno``, names and options), with
+    gevent's semantics: the calls wait in the calling greenlet (``timeout`` per wait;
+    ``0.0``: raise ``BlockingIOError``), and :meth:`close` throws ``EBADF`` into a
+    greenlet waiting on it.
+    """
+
+    __slots__ = ("__weakref__", "_gsock", "_read", "_sock", "_timeout", "_write")
+
+    def __init__(self, fd: int, family: int) -> None:
+        """Take over ``fd``, a connected stream socket (closed if this fails)."""
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, _NONBLOCKING)
+            # SOCK_NONBLOCK in the type: the object knows it is non-blocking (one
+            # fcntl above instead of a get and a set).
+            self._sock = _socket.socket(family, _STREAM_NONBLOCKING, 0, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._timeout: float | None = None
+        self._read: Any = None
+        self._write: Any = None
+        self._gsock: gsocket.socket | None = None
+
+    def __repr__(self) -> str:
+        return f"<Conn fd={self._sock.fileno()}>"
+
+    # -- the socket API -----------------------------------------------------------------
+
+    @property
+    def family(self) -> int:
+        return int(self._sock.family)
+
+    @property
+    def type(self) -> int:
+        return int(self._sock.type)
+
+    def fileno(self) -> int:
+        return int(self._sock.fileno())
+
+    def getpeername(self) -> Any:
+        return self._sock.getpeername()
+
+    def getsockname(self) -> Any:
+        return self._sock.getsockname()
+
+    def getsockopt(self, *args: Any) -> Any:
+        return self._sock.getsockopt(*args)
+
+    def setsockopt(self, *args: Any) -> None:
+        self._sock.setsockopt(*args)
+
+    def gettimeout(self) -> float | None:
+        """The timeout of each wait: this object's, or (once made) the gevent
+        socket's, which code holding that socket may change."""
+        gsock = self._gsock
+        return self._timeout if gsock is None else gsock.timeout
+
+    def settimeout(self, timeout: float | None) -> None:
+        if self._gsock is not None:
+            self._gsock.settimeout(timeout)
+        self._timeout = None if timeout is None else float(timeout)
+
+    timeout = property(gettimeout)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        while True:
+            try:
+                data: bytes = self._sock.recv(size, flags)
+                return data
+            except BlockingIOError:
+                if self.gettimeout() == 0.0:
+                    raise
+            self.wait_readable()
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        while True:
+            try:
+                n: int = self._sock.recv_into(buffer, nbytes, flags)
+                return n
+            except BlockingIOError:
+                if self.gettimeout() == 0.0:
+                    raise
+            self.wait_readable()
+
+    def receive(self, method: str, arg: Any, wait_first: bool) -> Any:
+        """``recv``/``recv_into`` (``method``) of ``arg``, waiting for readability
+        first when ``wait_first`` (see :func:`receive`)."""
+        if wait_first:
+            self.wait_readable()
+        while True:
+            try:
+                return getattr(self._sock, method)(arg)
+            except BlockingIOError:
+                if self.gettimeout() == 0.0:
+                    raise
+            self.wait_readable()
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        while True:
+            try:
+                sent: int = self._sock.send(data, flags)
+                return sent
+            except BlockingIOError:
+                if self.gettimeout() == 0.0:
+                    raise
+            self.wait_writable()
+
+    def sendall(self, data: Any) -> None:
+        """Send all of ``data``; the timeout bounds the whole call (as gevent's)."""
+        view = memoryview(data).cast("B")
+        timeout = self.gettimeout()
+        deadline = None if not timeout else _monotonic() + timeout
+        while view:
+            try:
+                view = view[self._sock.send(view):]
+                continue
+            except BlockingIOError:
+                if timeout == 0.0:
+                    raise
+            left = None if deadline is None else deadline - _monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("timed out")
+            self.wait_writable(left)
+
+    def shutdown(self, how: int) -> None:
+        self._sock.shutdown(how)
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def wait_readable(self, timeout: Any = _OWN) -> None:
+        """Wait until readable (or ``timeout`` seconds, default the connection's:
+        ``TimeoutError``)."""
+        watcher = self._read
+        if watcher is None:
+            watcher = self._read = self._watcher(READ)
+        _block(watcher, self.gettimeout() if timeout is _OWN else timeout)
+
+    def wait_writable(self, timeout: Any = _OWN) -> None:
+        """Wait until writable (or ``timeout``, as :meth:`wait_readable`)."""
+        watcher = self._write
+        if watcher is None:
+            watcher = self._write = self._watcher(WRITE)
+        _block(watcher, self.gettimeout() if timeout is _OWN else timeout)
+
+    def _watcher(self, event: int) -> Any:
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return gevent.get_hub().loop.io(fd, event)
+
+    # -- closing, and gevent's socket on demand -----------------------------------------
+
+    def close(self) -> None:
+        """Close (idempotent); a greenlet waiting on the connection gets ``EBADF``."""
+        if self._read is not None:
+            _cancel_wait(self._read)
+            self._read = None
+        if self._write is not None:
+            _cancel_wait(self._write)
+            self._write = None
+        if self._gsock is not None:
+            self._gsock.close()
+        self._sock.close()
+
+    def gevent_socket(self) -> gsocket.socket:
+        """A gevent socket over this connection's fd, made on the first call: both are
+        then the same connection (closing either closes it). ``EBADF`` for a connection
+        closed before it had one."""
+        gsock = self._gsock
+        if gsock is None:
+            raw = self._sock
+            fd = raw.fileno()
+            if fd < 0:
+                raise OSError(errno.EBADF, "Bad file descriptor")
+            gsock = gsocket.socket(raw.family, raw.type, raw.proto, fileno=fd)
+            raw.detach()  # the fd is the gevent socket's now; this object reads through it
+            gsock.settimeout(self._timeout)
+            self._sock = gsock._sock
+            self._gsock = gsock
+        return gsock
+
+
+def _block(watcher: Any, timeout: float | None) -> None:
+    """Suspend the calling greenlet until ``watcher`` fires (``TimeoutError`` after
+    ``timeout`` seconds): the watcher switches straight back into it."""
+    current = _getcurrent()
+    hub = gevent.get_hub()
+    if current is hub:
+        raise BlockingSwitchOutError("Impossible to call blocking function in the event "
+                                     "loop callback")
+    if watcher.active:
+        raise ConcurrentObjectUseError(f"This connection is already waited on by "
+                                       f"{watcher.callback.__self__!r}")
+    timer = None
+    watcher.start(current.switch, _READY)
+    try:
+        if timeout is not None:
+            timer = hub.loop.timer(timeout)
+            timer.start(current.switch, _TIMED_OUT)
+        result = _SWITCH(hub)
+    finally:
+        watcher.stop()
+        if timer is not None:
+            timer.close()
+    if result is not _READY:
+        if result is _TIMED_OUT and timer is not None:
+            raise TimeoutError("timed out")
+        raise InvalidSwitchError(f"Invalid switch into {current!r}: {result!r}")
+
+
+def _cancel_wait(watcher: Any) -> None:
+    # As gevent's socket close: the greenlet waiting (if any) gets EBADF, from the hub.
+    if watcher.active:
+        waiter = watcher.callback.__self__
+        watcher.stop()
+        gevent.get_hub().loop.run_callback(
+            waiter.throw, OSError(errno.EBADF, "File descriptor was closed in another greenlet"))
+    watcher.close()
+
+
+def is_plain(sock: Any) -> bool:
+    """A connection without TLS: a gevent socket or a :class:`Conn`."""
+    return sock.__class__ is gsocket.socket or sock.__class__ is Conn
+
+
+def receive(sock: gsocket.socket | Conn, method: str, arg: Any, wait_first: bool) -> Any:
     """Call the raw ``recv``/``recv_into`` (``method``) of a plain gevent socket.
 
     The one read path of :class:`Flow` and :class:`~greenserve.stream.Reader`: the
@@ -114,6 +388,8 @@ def receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> An
     Never for TLS sockets: their SSL object can hold decrypted bytes while the kernel's
     buffer is empty.
     """
+    if isinstance(sock, Conn):
+        return sock.receive(method, arg, wait_first)
     if wait_first:
         sock._wait(sock._read_event)
     while True:
@@ -125,7 +401,7 @@ def receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> An
         sock._wait(sock._read_event)
 
 
-def raw_send(sock: gsocket.socket, data: Any) -> int:
+def raw_send(sock: gsocket.socket | Conn, data: Any) -> int:
     """One non-blocking ``send`` on the stdlib socket under a plain gevent socket
     (``BlockingIOError`` when the kernel takes nothing; ``EBADF`` once closed)."""
     return sock._sock.send(data)

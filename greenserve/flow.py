@@ -132,8 +132,9 @@ class Flow(_Owned, ReclaimMarks):
     __slots__ = ("__weakref__", "_drained", "_heard", "_idle", "_local", "_peer", "_plain",
                  "_reclaimer")
 
-    def __init__(self, sock: gsocket.socket, *, peer: Tcp | Unix | None = None,
-                 sw: Switch | None = None, reclaimer: Reclaimer | None = None) -> None:
+    def __init__(self, sock: gsocket.socket | _gevent.Conn, *,
+                 peer: Tcp | Unix | None = None, sw: Switch | None = None,
+                 reclaimer: Reclaimer | None = None) -> None:
         super().__init__(sock)
         self._peer = peer
         self._reclaimer = reclaimer  # the server that accepted it (see idle())
@@ -145,12 +146,21 @@ class Flow(_Owned, ReclaimMarks):
         # paying for a recv() that fails with EAGAIN (one syscall per round trip).
         # Not for TLS: decrypted bytes can wait in the SSL object with the kernel empty.
         self._drained = False
-        self._plain = type(sock) is gsocket.socket
+        self._plain = _gevent.is_plain(sock)
         self._own(sw)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
         return f"<Flow {state} peer={self._peer}>"
+
+    @property
+    def socket(self) -> gsocket.socket:
+        """The underlying gevent socket (a server's connection makes it on first use:
+        until then the flow runs on a leaner object over the same fd)."""
+        sock = self._sock
+        if sock.__class__ is _gevent.Conn:
+            return sock.gevent_socket()
+        return sock
 
     @property
     def peer(self) -> Tcp | Unix:

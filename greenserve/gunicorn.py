@@ -208,7 +208,7 @@ class _EngineWorker(base.Worker):  # type: ignore[misc]  # gunicorn is untyped
             max_connections=self.worker_connections,
             max_accepts_per_batch=1 if self.cfg.workers > 1 else MAX_ACCEPT,
             ssl_context=gunicorn_ssl_context(self.cfg) if self.cfg.is_ssl else None,
-            reclaim_idle=self.reclaim_idle)
+            reclaim_idle=self.reclaim_idle, gevent_sockets=True)
         return Acceptor(self.sockets, self._serve_connection, options, sw=sw,
                         on_error=self._connection_failed, name=f"gunicorn worker {self.pid}")
 

@@ -590,7 +590,7 @@ class _Run:
             ssl_context=server.ssl_context if self.engine_tls else None,
             handshake_timeout=server.handshake_timeout,
             proxy_protocol=server.proxy_protocol, idle_timeout=server.idle_timeout,
-            gevent_greenlets=True)
+            gevent_greenlets=True, gevent_sockets=True)
         self.acceptor = Acceptor(
             [sock], handler, options, sw=self.switch,
             on_error=server._report_handler_error, spawn=server._engine_spawn(), name=name,

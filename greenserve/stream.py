@@ -29,6 +29,7 @@ raise them afterwards.
 from __future__ import annotations
 
 import _socket
+import errno
 import socket as _stdsocket
 import sys
 from collections import deque
@@ -149,7 +150,7 @@ class Reader(ReclaimMarks):
         # the next one waits for readability first rather than failing with EAGAIN.
         # Not for TLS sockets, whose SSL object can hold decrypted bytes.
         self._drained = False
-        self._plain = type(sock) is gsocket.socket
+        self._plain = _gevent.is_plain(sock)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "eof" if self._eof else "open"
@@ -442,7 +443,7 @@ class Writer:
         self._sock = sock
         # A plain gevent socket's non-blocking stdlib socket sends without gevent's
         # wrapper; a TLS socket must go through its SSL object.
-        self._raw: Any = _gevent.raw_socket(sock) if type(sock) is gsocket.socket else None
+        self._raw: Any = _gevent.raw_socket(sock) if _gevent.is_plain(sock) else None
         self._tls = isinstance(sock, gssl.SSLSocket)
         self._fd: int = fd
         self._loop = gevent.get_hub().loop
@@ -583,10 +584,10 @@ class Writer:
         """The eager send of a large write on an idle writer: what the kernel takes now.
         Sends only on a plain socket; anything but success (``EAGAIN``, an error) sends
         nothing here, and the hub's send retries it (and reports an error there)."""
-        raw = self._raw
-        if raw is None or not _gevent.holds(self._sock, raw):
-            return 0
         try:
+            raw = self._plain_raw()
+            if raw is None:
+                return 0
             sent: int = raw.send(data)
         except OSError:
             return 0
@@ -611,9 +612,11 @@ class Writer:
                 sent = raw.send(data)
             elif self._tls:
                 sent, want = self._send_tls(data)
+            elif raw is not None:
+                sent = self._plain_raw().send(data)  # EBADF once closed
             else:
-                # Closed by gevent (whose send raises EBADF then; the raw socket may not
-                # be closed yet). timeout=0.0: raise instead of waiting (hub).
+                # A subclass of gevent's socket: its own send (timeout=0.0: never wait,
+                # this is the hub).
                 sent = self._sock.send(data, 0, 0.0)
         except BlockingIOError:
             sent = 0
@@ -634,6 +637,18 @@ class Writer:
             self._wait_for(want or _gevent.WRITE)
         else:
             self._become_idle()
+
+    def _plain_raw(self) -> Any:
+        """The stdlib socket to send on (``None`` for TLS). It changes when a server's
+        lean connection gets its gevent socket; ``EBADF`` once the socket is closed."""
+        raw = self._raw
+        if raw is None or _gevent.holds(self._sock, raw):
+            return raw
+        raw = _gevent.raw_socket(self._sock)
+        if raw is None:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        self._raw = raw
+        return raw
 
     def _send_tls(self, data: Buffer) -> tuple[int, int]:
         """Send what the TLS layer takes now, one record's worth per SSL write: OpenSSL

@@ -27,6 +27,7 @@ Design rules:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -248,6 +249,8 @@ class Server:
         options = _server_options(max_connections, max_accepts_per_batch,
                                   drop_incoming_connections, ssl_context, handshake_timeout,
                                   proxy_protocol, idle_timeout)
+        # The handler gets the socket itself: a gevent socket, as documented.
+        options = dataclasses.replace(options, gevent_sockets=True)
         setup = _Setup("create_sock", handler, on_handler_error, None, sw, options)
         return cls._create(where, setup, backlog, socket)
 

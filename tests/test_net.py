@@ -15,6 +15,7 @@ from typing import Any
 
 import gevent
 import pytest
+from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
 from greenserve import (
@@ -401,6 +402,58 @@ def test_run_server_echo_until_stop() -> None:
             c.close()
         stop.set("done")
         assert result.get() == "done"
+
+
+def test_run_server_flow_socket_is_a_gevent_socket_of_the_same_connection() -> None:
+    # The flow runs on a lean connection object; .socket makes gevent's on demand.
+    seen: list[Any] = []
+
+    def handler(flow: Flow, addr: Any) -> None:
+        first = flow.read()
+        sock = flow.socket
+        seen.append((type(sock), sock.fileno() == flow.fileno(), sock is flow.socket))
+        sock.sendall(first.upper())  # gevent's socket writes ...
+        flow.write(flow.read())      # ... and the flow still reads and writes after it
+
+    stop: AsyncResult = AsyncResult()
+    with Switch() as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
+        result = sw.fork_promise(net.run_server, lsock, handler, on_error=pytest.fail,
+                                 stop=stop)
+        c = client(lsock.address.port)
+        c.sendall(b"one")
+        assert c.recv(100) == b"ONE"
+        c.sendall(b"two")
+        assert c.recv(100) == b"two"
+        assert c.recv(100) == b""  # the server closed both (one connection)
+        c.close()
+        stop.set(None)
+        result.get()
+    assert seen == [(gsocket.socket, True, True)]
+
+
+def test_run_server_flow_socket_settimeout_bounds_the_flows_reads() -> None:
+    # As docs/net.md says: flow.socket.settimeout(t) makes a read that waits longer
+    # raise TimeoutError (the flow's reads wait on the lean connection: it follows).
+    raised: AsyncResult = AsyncResult()
+
+    def handler(flow: Flow, addr: Any) -> None:
+        flow.socket.settimeout(0.05)
+        try:
+            flow.read()
+        except TimeoutError as exc:
+            raised.set(exc)
+
+    stop: AsyncResult = AsyncResult()
+    with Switch() as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
+        result = sw.fork_promise(net.run_server, lsock, handler, on_error=pytest.fail,
+                                 stop=stop)
+        c = client(lsock.address.port)  # sends nothing
+        assert isinstance(raised.get(timeout=5), TimeoutError)
+        c.close()
+        stop.set(None)
+        result.get()
 
 
 def test_run_server_limit_never_exceeded() -> None:
