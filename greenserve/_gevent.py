@@ -130,8 +130,7 @@ def peer_gone(sock: Any, *, sending_ended: bool = False) -> bool:
 
 _SWITCH = greenlet.greenlet.switch
 _getcurrent = greenlet.getcurrent
-_READY = object()     # what a connection's io watcher switches into its waiting greenlet
-_TIMED_OUT = object()  # what its timer switches in
+_TIMED_OUT = object()  # what a connection's timer switches into its waiting greenlet
 _OWN = object()  # a wait's timeout: the connection's own
 _NONBLOCKING = os.O_RDWR | os.O_NONBLOCK
 _STREAM_NONBLOCKING = _stdsocket.SOCK_STREAM | _stdsocket.SOCK_NONBLOCK
@@ -158,7 +157,7 @@ class Conn:
     greenlet waiting on it.
     """
 
-    __slots__ = ("__weakref__", "_gsock", "_read", "_sock", "_timeout", "_write")
+    __slots__ = ("_gsock", "_read", "_sock", "_timeout", "_write")
 
     def __init__(self, fd: int, family: int) -> None:
         """Take over ``fd``, a connected stream socket (closed if this fails)."""
@@ -344,9 +343,11 @@ def _block(watcher: Any, timeout: float | None) -> None:
                                      "loop callback")
     if watcher.active:
         raise ConcurrentObjectUseError(f"This connection is already waited on by "
-                                       f"{watcher.callback.__self__!r}")
+                                       f"{watcher.args[0]!r}")
     timer = None
-    watcher.start(current.switch, _READY)
+    # The greenlet type's switch, shared, with the greenlet as the one argument: the
+    # watcher switches in (), the empty tuple; a bound method per wait would cost more.
+    watcher.start(_SWITCH, current)
     try:
         if timeout is not None:
             timer = hub.loop.timer(timeout)
@@ -356,7 +357,7 @@ def _block(watcher: Any, timeout: float | None) -> None:
         watcher.stop()
         if timer is not None:
             timer.close()
-    if result is not _READY:
+    if result != ():
         if result is _TIMED_OUT and timer is not None:
             raise TimeoutError("timed out")
         raise InvalidSwitchError(f"Invalid switch into {current!r}: {result!r}")
@@ -365,7 +366,7 @@ def _block(watcher: Any, timeout: float | None) -> None:
 def _cancel_wait(watcher: Any) -> None:
     # As gevent's socket close: the greenlet waiting (if any) gets EBADF, from the hub.
     if watcher.active:
-        waiter = watcher.callback.__self__
+        waiter = watcher.args[0]
         watcher.stop()
         gevent.get_hub().loop.run_callback(
             waiter.throw, OSError(errno.EBADF, "File descriptor was closed in another greenlet"))

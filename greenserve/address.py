@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal, Union, overload
 
@@ -345,7 +346,9 @@ def from_sockaddr(family: int, sockaddr: Any, *, datagram: bool = False) -> Tcp 
     # validation (this runs for every accepted connection and received datagram).
     cls: type[Tcp] | type[Udp] = Udp if datagram else Tcp
     address = object.__new__(cls)
-    _set_field(address, "host", sockaddr[0])
+    # Interned: the connections of one client host (or of a proxy in front of the
+    # server) share one string instead of one each (memory per connection).
+    _set_field(address, "host", sys.intern(sockaddr[0]))
     _set_field(address, "port", sockaddr[1])
     return address
 

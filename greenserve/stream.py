@@ -96,6 +96,8 @@ EAGER_SEND_MIN = 4096
 TLS_RECORD = 16384
 
 _CR = 13  # b"\r"[0]
+# The buffer of a Reader or Writer with nothing in it: shared, immutable.
+_EMPTY = b""
 
 # Writer states (see the module docstring).
 _IDLE, _SCHEDULED, _WAITING = 0, 1, 2
@@ -141,7 +143,9 @@ class Reader(ReclaimMarks):
         self._reclaimer = reclaimer  # the server that accepted it (see idle())
         self._idle = False
         self._heard = False  # a byte was received: from then on it may be idle
-        self._buf = bytearray()
+        # Nothing buffered: the empty bytes object, shared (an idle connection holds no
+        # buffer of its own); a bytearray from the first receive that keeps bytes.
+        self._buf: bytes | bytearray = _EMPTY
         self._pos = 0          # bytes before this offset were consumed
         self._eof = False      # recv returned b"": it never returns data again
         self._closed = False
@@ -225,7 +229,7 @@ class Reader(ReclaimMarks):
         line = bytes(buf[start:stop])
         end += 1
         if end == len(buf):  # _advance, inlined on this hot path
-            buf.clear()
+            self._buf = _EMPTY
             self._pos = 0
         else:
             self._pos = end
@@ -301,7 +305,7 @@ class Reader(ReclaimMarks):
         if self._closed:
             return
         self._closed = True
-        self._buf = bytearray()
+        self._buf = _EMPTY
         self._pos = 0
         self._sock.close()
 
@@ -341,13 +345,16 @@ class Reader(ReclaimMarks):
             return False
         if self._pos:
             # The only compaction: once per recv, and only the unconsumed tail moves.
-            del self._buf[: self._pos]
+            del self._buf[: self._pos]  # type: ignore[union-attr]  # bytes only when empty
             self._pos = 0
         data = self._recv(RECV_SIZE)
         if not data:
             self._eof = True
             return False
-        self._buf += data
+        if self._buf.__class__ is bytes:
+            self._buf = bytearray(data)
+        else:
+            self._buf += data
         return True
 
     def _find(self, delim: bytes, max_length: int, slack: int = 0) -> int:
@@ -389,7 +396,7 @@ class Reader(ReclaimMarks):
     def _advance(self, pos: int) -> None:
         if pos == len(self._buf):
             # All consumed: release the memory now (idle connections hold no buffer).
-            self._buf.clear()
+            self._buf = _EMPTY
             self._pos = 0
         else:
             self._pos = pos
@@ -427,8 +434,8 @@ class Writer:
     """
 
     __slots__ = ("_age_limit", "_age_marks", "_buf", "_callback", "_closed", "_consumer_left",
-                 "_error", "_fd", "_flushers", "_head", "_loop", "_on_failure", "_peer_left",
-                 "_raw", "_sent", "_sock", "_state", "_timer", "_tls", "_watcher", "_written")
+                 "_error", "_flushers", "_head", "_on_failure",
+                 "_raw", "_sent", "_sock", "_state", "_timer", "_watcher", "_written")
 
     def __init__(self, sock: gsocket.socket,
                  buffer_age_limit: float | None = DEFAULT_BUFFER_AGE_LIMIT, *,
@@ -444,10 +451,8 @@ class Writer:
         # A plain gevent socket's non-blocking stdlib socket sends without gevent's
         # wrapper; a TLS socket must go through its SSL object.
         self._raw: Any = _gevent.raw_socket(sock) if _gevent.is_plain(sock) else None
-        self._tls = isinstance(sock, gssl.SSLSocket)
-        self._fd: int = fd
-        self._loop = gevent.get_hub().loop
-        self._buf = bytearray()
+        # As the Reader's: shared and empty until bytes must wait in it.
+        self._buf: bytes | bytearray = _EMPTY
         # A bytes object written while nothing was pending is kept as is (no copy into
         # _buf) until the hub sends it; while _head is set, _buf is empty.
         self._head: bytes | None = None
@@ -459,8 +464,8 @@ class Writer:
         self._flushers: list[tuple[int, Event]] | None = None
         self._error: BaseException | None = None
         self._closed = False
-        self._consumer_left: Event | None = None  # created on first access
-        self._peer_left = False
+        # Created on first access; True: the peer left before anyone asked.
+        self._consumer_left: Event | bool | None = None
         self._on_failure = on_failure
         self._written = 0
         self._sent = 0
@@ -494,11 +499,12 @@ class Writer:
         ``buffer_age_limit`` was exceeded. (A peer that leaves is only noticed when
         data is sent to it.)"""
         event = self._consumer_left
-        if event is None:
-            event = self._consumer_left = Event()
-            if self._peer_left:
-                event.set()
-        return event
+        if isinstance(event, Event):
+            return event
+        made = self._consumer_left = Event()
+        if event is True:
+            made.set()
+        return made
 
     # -- writing ------------------------------------------------------------------------
 
@@ -523,6 +529,8 @@ class Writer:
             self._head = data  # immutable: nothing to copy (the common echo case)
             pending = bool(data)
         else:
+            if buf.__class__ is bytes:
+                buf = self._buf = bytearray()
             if head is not None:
                 buf += head  # a second write in this hub iteration: coalesce
                 self._head = None
@@ -535,7 +543,7 @@ class Writer:
             pending = bool(buf)
         if self._state == _IDLE and pending:
             self._state = _SCHEDULED
-            self._callback = self._loop.run_callback(self._on_scheduled)
+            self._callback = gevent.get_hub().loop.run_callback(self._on_scheduled)
 
     def flush(self) -> None:
         """Block until every byte written so far is in the kernel.
@@ -610,7 +618,7 @@ class Writer:
         try:
             if raw is not None and _gevent.holds(self._sock, raw):
                 sent = raw.send(data)
-            elif self._tls:
+            elif isinstance(self._sock, gssl.SSLSocket):
                 sent, want = self._send_tls(data)
             elif raw is not None:
                 sent = self._plain_raw().send(data)  # EBADF once closed
@@ -626,9 +634,9 @@ class Writer:
         if head is not None:
             self._head = None
             if sent < len(head):
-                buf += memoryview(head)[sent:]
+                buf = self._buf = bytearray(memoryview(head)[sent:])
         elif sent:
-            del buf[:sent]
+            del buf[:sent]  # type: ignore[union-attr]  # bytes only when empty
         if sent:
             self._sent += sent
             if self._flushers:
@@ -636,6 +644,7 @@ class Writer:
         if buf:
             self._wait_for(want or _gevent.WRITE)
         else:
+            self._buf = _EMPTY  # an idle writer holds no buffer
             self._become_idle()
 
     def _plain_raw(self) -> Any:
@@ -675,7 +684,7 @@ class Writer:
             watcher.close()  # a TLS write waited for the other event last time
             watcher = self._watcher = None
         if watcher is None:
-            watcher = self._watcher = self._loop.io(self._fd, event)
+            watcher = self._watcher = gevent.get_hub().loop.io(self._sock.fileno(), event)
         if self._state == _WAITING and watcher.active:
             return
         self._state = _WAITING
@@ -696,15 +705,16 @@ class Writer:
         # Marks are (time, bytes written by then). Every byte counted in a mark was
         # written at or before its time, so a mark not yet fully sent whose time is
         # `limit` old proves a byte unsent for at least `limit`: no false alarms.
+        loop = gevent.get_hub().loop
         if self._timer is None:
             period = limit / AGE_CHECKS_PER_LIMIT
-            self._timer = self._loop.timer(period, period)
+            self._timer = loop.timer(period, period)
             self._age_marks = deque()
-        self._loop.update_now()
+        loop.update_now()
         marks = self._age_marks
         assert marks is not None
         marks.clear()
-        marks.append((self._loop.now(), self._written))
+        marks.append((loop.now(), self._written))
         self._timer.start(self._check_age)
 
     def _check_age(self) -> None:
@@ -713,7 +723,7 @@ class Writer:
         assert marks is not None and limit is not None
         while marks and marks[0][1] <= self._sent:
             marks.popleft()
-        now = self._loop.now()
+        now = gevent.get_hub().loop.now()
         if marks and now - marks[0][0] >= limit:
             self._shutdown_socket()
             self._fail(WriterBufferAgeExceeded(
@@ -745,9 +755,10 @@ class Writer:
         self._error = exc
         self._stop_sending()
         if isinstance(exc, (ConnectionReset, WriterBufferAgeExceeded)):
-            self._peer_left = True
-            if self._consumer_left is not None:
+            if isinstance(self._consumer_left, Event):
                 self._consumer_left.set()
+            else:
+                self._consumer_left = True
         self._wake_flushers(everyone=True)
         if self._on_failure is not None:
             self._call_on_failure(self._on_failure, exc)
@@ -790,7 +801,7 @@ class Writer:
             self._callback.stop()
             self._callback = None
         self._become_idle()
-        self._buf.clear()
+        self._buf = _EMPTY
         self._head = None
 
     def _release(self) -> None:

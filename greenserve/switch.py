@@ -135,7 +135,10 @@ class RawFiber(greenlet.greenlet):  # type: ignore[misc]  # greenlet is typed lo
     being a dict key (gevent.local, per-greenlet state); ``kill`` and ``join`` are
     gevent.Greenlet's and not here: a fiber is cancelled through its switch."""
 
-    __slots__ = ()
+    # What it runs, until it starts: kept here rather than passed to its first switch,
+    # whose argument tuple the greenlet would keep for its whole life (memory per
+    # idle connection).
+    __slots__ = ("_job",)
 
 
 # The keyword arguments of a fork that has none: shared, never modified (``fn(**kw)``
@@ -206,6 +209,7 @@ class Switch:
         # body or were thrown into the wait at exit, in order; raised or thrown again.
         self._outer: list[BaseException] = []
         self._given_context: tuple[contextvars.Context, contextvars.Context] | None = None
+        self._run_owned_fn: Callable[[], None] | None = None
 
     # -- public state -------------------------------------------------------------------
 
@@ -310,34 +314,46 @@ class Switch:
         # greenlet layer cost (benchmarks/README.md). A fiber is still a fiber: it is
         # counted, cancelled by a throw, runs in a copy of ``context``, reports failures.
         hub = gevent.get_hub()
-        g = RawFiber(self._run_owned, hub)
+        run = self._run_owned_fn  # one bound method for all: a fiber keeps its run
+        if run is None:
+            run = self._run_owned_fn = self._run_owned
+        g = RawFiber(run, hub)
+        g._job = (fn, *args)  # one tuple, unpacked when the fiber starts
         g.gr_context = (contextvars.copy_context() if context is None
                         else self._as_current(context).copy())
         self._state[g] = _PENDING
         self._live += 1
         self._fibers_done.clear()
-        hub.loop.run_callback(self._start_owned, g, fn, cleanup, args)
+        hub.loop.run_callback(self._start_owned, g, cleanup)
         return g
 
-    def _start_owned(self, g: RawFiber, fn: Callable[..., Any], cleanup: Callable[..., object],
-                     args: tuple[Any, ...]) -> None:
+    def _start_owned(self, g: RawFiber, cleanup: Callable[..., object]) -> None:
         # In the hub, from its callback queue. A fiber cancelled before it starts never
         # runs fn: its cleanup releases what args hold.
         if self._cancelled or self._state.get(g) == _KILLED:
+            args = g._job[1:]
+            g._job = None
             try:
                 cleanup(*args)
             finally:
                 self._reap(g)
             return
-        g.switch(fn, args)
+        g.switch()
 
-    def _run_owned(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def _run_owned(self) -> None:
         me = getcurrent()
+        job = me._job
+        me._job = None
         self._state[me] = _RUNNING
         try:
             if _current.get() is not self:  # forked from the hub (the engine)
                 _current.set(self)
-            _call(fn, args, _NO_KWARGS)
+            if len(job) == 3:  # the engine's (fn, sock, peer): no tuple kept while it runs
+                fn, a, b = job
+                del job
+                fn(a, b)
+            else:
+                _call(job[0], job[1:], _NO_KWARGS)
         except GreenletExit as exc:
             if not self._is_cancellation(exc):  # another switch's Cancelled: an error
                 self._fiber_failed(exc, None, None)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import logging
 import socket as _stdsocket
 import ssl
@@ -312,8 +311,7 @@ class Server:
             raise
 
     def _serve_streams(self, sock: Any, peer: Any) -> None:
-        writer = Writer(sock, self._age_limit,
-                        on_failure=functools.partial(self._writer_failed, sock, peer))
+        writer = Writer(sock, self._age_limit, on_failure=_WriterFailed(self, sock, peer))
         reader = Reader(sock, reclaimer=self._acceptor)
         try:
             self._handler(peer, reader, writer)
@@ -558,6 +556,21 @@ class Server:
             state = "listening"
         return (f"<tcp.Server {self._lsock.address} {state} "
                 f"connections={self._acceptor.active}/{self._max or 'unlimited'}>")
+
+
+class _WriterFailed:
+    """A connection's ``Writer.on_failure``: ``server._writer_failed(sock, peer, exc)``
+    (a partial costs four objects per connection, this one)."""
+
+    __slots__ = ("_peer", "_server", "_sock")
+
+    def __init__(self, server: Server, sock: Any, peer: Any) -> None:
+        self._server = server
+        self._sock = sock
+        self._peer = peer
+
+    def __call__(self, exc: BaseException) -> None:
+        self._server._writer_failed(self._sock, self._peer, exc)
 
 
 def _server_options(max_connections: object, max_accepts_per_batch: object, drop: object,
