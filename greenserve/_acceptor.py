@@ -523,7 +523,7 @@ class Acceptor:
             sock: Any = _gevent.Conn(fd, family)  # closes fd if it fails
         else:
             try:
-                sock = gsocket.socket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
+                sock = _gevent.ServedSocket(family, _stdsocket.SOCK_STREAM, 0, fileno=fd)
             except BaseException:
                 os.close(fd)
                 raise

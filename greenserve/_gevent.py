@@ -45,6 +45,7 @@ __all__ = [
     "READ",
     "WRITE",
     "Conn",
+    "ServedSocket",
     "accept_raw",
     "bytes_received",
     "has_unread",
@@ -333,21 +334,27 @@ class Conn:
         return gsock
 
 
-def _block(watcher: Any, timeout: float | None) -> None:
-    """Suspend the calling greenlet until ``watcher`` fires (``TimeoutError`` after
-    ``timeout`` seconds): the watcher switches straight back into it."""
+def _block(watcher: Any, timeout: float | None, timeout_exc: BaseException | None = None,
+           *, gevents: bool = False) -> None:
+    """Suspend the calling greenlet until ``watcher`` fires (``timeout_exc``, by default
+    ``TimeoutError``, after ``timeout`` seconds): the watcher switches straight back
+    into it. ``gevents``: the watcher belongs to a gevent socket, whose close finds the
+    greenlet to throw ``EBADF`` into as its callback's ``__self__``."""
     current = _getcurrent()
     hub = gevent.get_hub()
     if current is hub:
         raise BlockingSwitchOutError("Impossible to call blocking function in the event "
                                      "loop callback")
-    if watcher.active:
-        raise ConcurrentObjectUseError(f"This connection is already waited on by "
-                                       f"{watcher.args[0]!r}")
+    if watcher.callback is not None:
+        raise ConcurrentObjectUseError(f"This socket is already used by another greenlet: "
+                                       f"{watcher.callback!r}")
     timer = None
-    # The greenlet type's switch, shared, with the greenlet as the one argument: the
-    # watcher switches in (), the empty tuple; a bound method per wait would cost more.
-    watcher.start(_SWITCH, current)
+    if gevents:
+        watcher.start(current.switch)
+    else:
+        # The greenlet type's switch, shared, with the greenlet as the one argument: it
+        # switches in (), the empty tuple; a bound method per wait would cost more.
+        watcher.start(_SWITCH, current)
     try:
         if timeout is not None:
             timer = hub.loop.timer(timeout)
@@ -359,8 +366,25 @@ def _block(watcher: Any, timeout: float | None) -> None:
             timer.close()
     if result != ():
         if result is _TIMED_OUT and timer is not None:
-            raise TimeoutError("timed out")
+            raise timeout_exc if timeout_exc is not None else TimeoutError("timed out")
         raise InvalidSwitchError(f"Invalid switch into {current!r}: {result!r}")
+
+
+class ServedSocket(gsocket.socket):  # type: ignore[misc]  # gevent is untyped
+    """gevent's socket as the faces that hand one to a handler make it (StreamServer,
+    the gunicorn workers, ``tcp.Server.create_sock``): the same class to its users, with
+    a shallower wait. gevent's waits go through four compiled levels (``wait_on_socket``,
+    ``hub.wait``, a ``Waiter``, ``hub.switch``), each of them C stack that a suspended
+    greenlet keeps; this one starts the watcher with the greenlet's ``switch`` (what
+    gevent's ``cancel_wait`` expects to find) and switches to the hub directly."""
+
+    __slots__ = ()
+
+    def _wait(self, watcher: Any, timeout_exc: BaseException | None = None) -> None:
+        if watcher is None:  # closed (as gevent's wait_on_socket says it)
+            raise ConcurrentObjectUseError("The socket has already been closed by another "
+                                           "greenlet")
+        _block(watcher, self.timeout, timeout_exc, gevents=True)
 
 
 def _cancel_wait(watcher: Any) -> None:
@@ -374,8 +398,10 @@ def _cancel_wait(watcher: Any) -> None:
 
 
 def is_plain(sock: Any) -> bool:
-    """A connection without TLS: a gevent socket or a :class:`Conn`."""
-    return sock.__class__ is gsocket.socket or sock.__class__ is Conn
+    """A connection without TLS: a gevent socket (or a :class:`ServedSocket`) or a
+    :class:`Conn`."""
+    cls = sock.__class__
+    return cls is gsocket.socket or cls is Conn or cls is ServedSocket
 
 
 def receive(sock: gsocket.socket | Conn, method: str, arg: Any, wait_first: bool) -> Any:

@@ -209,3 +209,51 @@ def test_a_failed_start_closes_the_fd(tmp_path: Path) -> None:
         _gevent.Conn(fd, socket.AF_INET)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed: nothing leaks
+
+
+# -- ServedSocket: gevent's socket with the shallow wait ----------------------------------
+
+
+@pytest.fixture()
+def served() -> Iterator[tuple[_gevent.ServedSocket, socket.socket]]:
+    a, b = socket.socketpair()
+    sock = _gevent.ServedSocket(a.family, socket.SOCK_STREAM, 0, fileno=a.detach())
+    try:
+        yield sock, b
+    finally:
+        sock.close()
+        b.close()
+
+
+def test_served_socket_waits_in_the_greenlet_and_times_out_as_gevents(
+        served: tuple[_gevent.ServedSocket, socket.socket]) -> None:
+    sock, peer = served
+    assert isinstance(sock, gsocket.socket)
+    reader = gevent.spawn(sock.recv, 10)
+    gevent.sleep(0)
+    assert not reader.dead
+    peer.sendall(b"hi")
+    assert reader.get(timeout=5) == b"hi"
+    sock.settimeout(0.05)
+    with pytest.raises(socket.timeout):
+        sock.recv(10)
+    with pytest.raises(ConcurrentObjectUseError):
+        sock.settimeout(None)
+        first = gevent.spawn(sock.recv, 10)
+        gevent.sleep(0)
+        try:
+            sock.recv(10)
+        finally:
+            first.kill()
+
+
+def test_served_socket_close_from_another_greenlet_wakes_the_waiter_with_ebadf(
+        served: tuple[_gevent.ServedSocket, socket.socket]) -> None:
+    # gevent's close finds the waiter as its watcher callback's __self__.
+    sock, _ = served
+    reader = gevent.spawn(sock.recv, 10)
+    gevent.sleep(0)
+    sock.close()
+    with pytest.raises(OSError) as caught:
+        reader.get(timeout=5)
+    assert caught.value.errno == errno.EBADF

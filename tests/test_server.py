@@ -435,7 +435,8 @@ def test_handler_gets_gevent_style_arguments() -> None:
         local = c.getsockname()
         assert recv_all(c) == b""
         c.close()
-    assert got == [(gsocket.socket, local)]
+    # A gevent socket (the engine's subclass, whose waits keep a shallower stack).
+    assert len(got) == 1 and issubclass(got[0][0], gsocket.socket) and got[0][1] == local
 
 
 # -- listeners -------------------------------------------------------------------------------
