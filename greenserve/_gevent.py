@@ -306,15 +306,20 @@ class Conn:
 
     def close(self) -> None:
         """Close (idempotent); a greenlet waiting on the connection gets ``EBADF``."""
+        self._cancel_waits()
+        if self._gsock is not None:
+            self._gsock.close()
+        self._sock.close()
+
+    def _cancel_waits(self) -> None:
+        # Before the fd closes (libev must not watch a closed fd): a greenlet waiting
+        # gets EBADF. Also when the gevent socket made over this connection closes.
         if self._read is not None:
             _cancel_wait(self._read)
             self._read = None
         if self._write is not None:
             _cancel_wait(self._write)
             self._write = None
-        if self._gsock is not None:
-            self._gsock.close()
-        self._sock.close()
 
     def gevent_socket(self) -> gsocket.socket:
         """A gevent socket over this connection's fd, made on the first call: both are
@@ -326,7 +331,8 @@ class Conn:
             fd = raw.fileno()
             if fd < 0:
                 raise OSError(errno.EBADF, "Bad file descriptor")
-            gsock = gsocket.socket(raw.family, raw.type, raw.proto, fileno=fd)
+            gsock = _SharedSocket(raw.family, raw.type, raw.proto, fileno=fd)
+            gsock._conn = self
             raw.detach()  # the fd is the gevent socket's now; this object reads through it
             gsock.settimeout(self._timeout)
             self._sock = gsock._sock
@@ -370,6 +376,9 @@ def _block(watcher: Any, timeout: float | None, timeout_exc: BaseException | Non
         raise InvalidSwitchError(f"Invalid switch into {current!r}: {result!r}")
 
 
+_BLOCK_CODE = _block.__code__
+
+
 class ServedSocket(gsocket.socket):  # type: ignore[misc]  # gevent is untyped
     """gevent's socket as the faces that hand one to a handler make it (StreamServer,
     the gunicorn workers, ``tcp.Server.create_sock``): the same class to its users, with
@@ -388,20 +397,43 @@ class ServedSocket(gsocket.socket):  # type: ignore[misc]  # gevent is untyped
 
 
 def _cancel_wait(watcher: Any) -> None:
-    # As gevent's socket close: the greenlet waiting (if any) gets EBADF, from the hub.
+    # As gevent's socket close: the greenlet waiting (if any) gets EBADF, from the hub,
+    # if it still waits then (its timeout may have ended the wait meanwhile).
     if watcher.active:
         waiter = watcher.args[0]
         watcher.stop()
-        gevent.get_hub().loop.run_callback(
-            waiter.throw, OSError(errno.EBADF, "File descriptor was closed in another greenlet"))
+        gevent.get_hub().loop.run_callback(_throw_if_waiting, waiter, watcher)
     watcher.close()
+
+
+def _throw_if_waiting(waiter: Any, watcher: Any) -> None:
+    frame = waiter.gr_frame  # where the greenlet is suspended
+    if frame is not None and frame.f_code is _BLOCK_CODE and \
+            frame.f_locals.get("watcher") is watcher:
+        waiter.throw(OSError(errno.EBADF, "File descriptor was closed in another greenlet"))
+
+
+class _SharedSocket(ServedSocket):
+    """The gevent socket a :class:`Conn` makes over its own fd: closing or detaching it
+    also ends the waits on the ``Conn``'s watchers (gevent's ``_drop_events_and_close``
+    cancels only its own)."""
+
+    __slots__ = ("_conn",)
+    _conn: Conn | None
+
+    def _drop_events_and_close(self, *args: Any, **kwargs: Any) -> Any:
+        conn = getattr(self, "_conn", None)  # unset if closed while being made
+        if conn is not None:
+            self._conn = None
+            conn._cancel_waits()
+        return super()._drop_events_and_close(*args, **kwargs)
 
 
 def is_plain(sock: Any) -> bool:
     """A connection without TLS: a gevent socket (or a :class:`ServedSocket`) or a
     :class:`Conn`."""
     cls = sock.__class__
-    return cls is gsocket.socket or cls is Conn or cls is ServedSocket
+    return cls is gsocket.socket or cls is Conn or cls is ServedSocket or cls is _SharedSocket
 
 
 def receive(sock: gsocket.socket | Conn, method: str, arg: Any, wait_first: bool) -> Any:

@@ -164,7 +164,7 @@ def test_gevent_socket_is_the_same_connection(pair: Pair) -> None:
     conn, peer = pair
     conn.settimeout(3.0)
     gsock = conn.gevent_socket()
-    assert type(gsock) is gsocket.socket
+    assert isinstance(gsock, gsocket.socket)
     assert conn.gevent_socket() is gsock  # made once
     assert gsock.fileno() == conn.fileno() and gsock.gettimeout() == 3.0
     peer.sendall(b"one")
