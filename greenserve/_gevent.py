@@ -238,8 +238,8 @@ class Conn:
 
     def receive(self, method: str, arg: Any, wait_first: bool) -> Any:
         """``recv``/``recv_into`` (``method``) of ``arg``, waiting for readability
-        first when ``wait_first`` (see :func:`receive`)."""
-        if wait_first:
+        first when ``wait_first`` (see :func:`receive`), unless non-blocking."""
+        if wait_first and self.gettimeout() != 0.0:
             self.wait_readable()
         while True:
             try:
@@ -305,11 +305,23 @@ class Conn:
     # -- closing, and gevent's socket on demand -----------------------------------------
 
     def close(self) -> None:
-        """Close (idempotent); a greenlet waiting on the connection gets ``EBADF``."""
+        """Close (idempotent); a greenlet waiting on the connection gets ``EBADF``, and
+        other watchers on the fd (a ``Writer``'s) an event, before the fd closes."""
         self._cancel_waits()
         if self._gsock is not None:
-            self._gsock.close()
-        self._sock.close()
+            self._gsock.close()  # gevent closes the fd, as it does its own
+            return
+        raw = self._sock
+        fd = raw.fileno()
+        if fd < 0:
+            return
+        self._sock = _CLOSED  # from now on every call raises EBADF
+        if gevent.get_hub().loop.closing_fd(fd):
+            # Watchers of others on this fd got an event: close it once they ran (as
+            # gevent's socket does), or they would watch a closed fd.
+            _close_after_watchers(raw)
+        else:
+            raw.close()
 
     def _cancel_waits(self) -> None:
         # Before the fd closes (libev must not watch a closed fd): a greenlet waiting
@@ -338,6 +350,24 @@ class Conn:
             self._sock = gsock._sock
             self._gsock = gsock
         return gsock
+
+
+# What a closed Conn holds: a closed stdlib socket, every call of which raises EBADF.
+_CLOSED = _socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
+_CLOSED.close()
+
+
+def _close_after_watchers(raw: _socket.socket) -> None:
+    check = gevent.get_hub().loop.check()
+
+    def close() -> None:
+        try:
+            raw.close()
+        finally:
+            check.stop()
+            check.close()
+
+    check.start(close)
 
 
 def _block(watcher: Any, timeout: float | None, timeout_exc: BaseException | None = None,
@@ -449,7 +479,7 @@ def receive(sock: gsocket.socket | Conn, method: str, arg: Any, wait_first: bool
     """
     if isinstance(sock, Conn):
         return sock.receive(method, arg, wait_first)
-    if wait_first:
+    if wait_first and sock.timeout != 0.0:
         sock._wait(sock._read_event)
     while True:
         try:

@@ -8,6 +8,7 @@ wrong).
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,10 +17,12 @@ from typing import Any
 import gevent
 import gevent.select
 import pytest
+from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
-from greenserve import Flow, Switch, net
+from greenserve import Flow, Switch, net, tcp
 
+from .support import wait_until
 from .test_attack import connect_to
 
 pytestmark = pytest.mark.timeout(20)
@@ -199,3 +202,47 @@ def test_a_nonblocking_flow_with_nothing_to_read_raises_blocking_io_error() -> N
     connection."""
     got = _nonblocking_read_after_a_short_read(data_waiting=False)
     assert isinstance(got, BlockingIOError), got
+
+
+def test_closing_the_reader_fails_a_writer_waiting_to_send() -> None:
+    """``tcp.Server.create``: the reader closes the connection's socket while the
+    writer still holds unsent bytes (its peer reads slowly) and waits for writability
+    on a watcher of its own. gevent's socket close tells the loop first
+    (``loop.closing_fd(fd)``: every watcher on the fd gets an event, so the writer's
+    send fails with ``EBADF`` at once; before the lean connections the slot was free
+    within ~0.2 s). ``Conn.close`` (``_gevent.py``) closes the stdlib socket without
+    that: the writer's watcher stays started on a closed fd, ``flush`` never returns,
+    and the server's ``writer.close()`` after the handler waits the whole
+    ``CLOSE_FLUSH_TIMEOUT`` (30 s) holding the connection's slot (and a drain)."""
+    outcome: AsyncResult = AsyncResult()
+
+    def handler(addr: Any, reader: tcp.Reader, writer: tcp.Writer) -> None:
+        reader.read_line()
+        while writer.bytes_pending < 1 << 20:  # the kernel's buffers are full
+            writer.write(b"x" * 65536)
+            gevent.sleep(0.001)
+        reader.close()
+        try:
+            with gevent.Timeout(2):
+                writer.flush()
+            outcome.set("flushed")
+        except gevent.Timeout:
+            outcome.set("flush still waiting 2 s after the socket was closed")
+        except Exception as exc:
+            outcome.set(exc)
+
+    server = tcp.Server.create("127.0.0.1:0", handler, buffer_age_limit=None,
+                               on_handler_error="ignore")
+    client = gsocket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never reads
+        client.settimeout(TIMEOUT)
+        client.connect(("127.0.0.1", server.listening_on))
+        client.sendall(b"hi\n")
+        got = outcome.get(timeout=TIMEOUT)
+        assert isinstance(got, Exception), got
+        wait_until(lambda: server.stats()["active"] == 0, TIMEOUT, "connection released")
+    finally:
+        client.close()
+        server.close(close_existing_connections=True)
+        assert server.close_finished.wait(TIMEOUT)
