@@ -217,28 +217,33 @@ class Conn:
     timeout = property(gettimeout)
 
     def recv(self, size: int, flags: int = 0) -> bytes:
-        while True:
-            try:
-                data: bytes = self._sock.recv(size, flags)
-                return data
-            except BlockingIOError:
-                if self.gettimeout() == 0.0:
-                    raise
-            self.wait_readable()
+        data: bytes = self._retry("recv", self.wait_readable, size, flags)
+        return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        n: int = self._retry("recv_into", self.wait_readable, buffer, nbytes, flags)
+        return n
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        sent: int = self._retry("send", self.wait_writable, data, flags)
+        return sent
+
+    def _retry(self, method: str, wait: Any, *args: Any) -> Any:
+        # The stdlib socket's call, and a wait whenever it would block. The socket is
+        # looked up on every try: a gevent socket made meanwhile (gevent_socket) or a
+        # close replaces it.
         while True:
             try:
-                n: int = self._sock.recv_into(buffer, nbytes, flags)
-                return n
+                return getattr(self._sock, method)(*args)
             except BlockingIOError:
                 if self.gettimeout() == 0.0:
                     raise
-            self.wait_readable()
+            wait()
 
     def receive(self, method: str, arg: Any, wait_first: bool) -> Any:
         """``recv``/``recv_into`` (``method``) of ``arg``, waiting for readability
-        first when ``wait_first`` (see :func:`receive`), unless non-blocking."""
+        first when ``wait_first`` (see :func:`receive`), unless non-blocking. (The
+        ``Flow``'s and ``Reader``'s read: :meth:`_retry` spelled out, one call less.)"""
         if wait_first and self.gettimeout() != 0.0:
             self.wait_readable()
         while True:
@@ -248,16 +253,6 @@ class Conn:
                 if self.gettimeout() == 0.0:
                     raise
             self.wait_readable()
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        while True:
-            try:
-                sent: int = self._sock.send(data, flags)
-                return sent
-            except BlockingIOError:
-                if self.gettimeout() == 0.0:
-                    raise
-            self.wait_writable()
 
     def sendall(self, data: Any) -> None:
         """Send all of ``data``; the timeout bounds the whole call (as gevent's)."""
