@@ -305,6 +305,7 @@ class Conn:
         self._cancel_waits()
         if self._gsock is not None:
             self._gsock.close()  # gevent closes the fd, as it does its own
+            self._sock = _CLOSED
             return
         raw = self._sock
         fd = raw.fileno()
