@@ -28,9 +28,7 @@ raise them afterwards.
 
 from __future__ import annotations
 
-import _socket
 import errno
-import socket as _stdsocket
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -725,27 +723,15 @@ class Writer:
             marks.popleft()
         now = gevent.get_hub().loop.now()
         if marks and now - marks[0][0] >= limit:
-            self._shutdown_socket()
+            # The kernel's shutdown, not gevent's (which would throw EBADF into a
+            # greenlet reading this socket; the kernel's gives it end of file).
+            _gevent.kernel_shutdown(self._sock)
             self._fail(WriterBufferAgeExceeded(
                 f"{self.bytes_pending} bytes unsent for more than "
                 f"buffer_age_limit={limit} s: "
                 f"the peer stopped reading"))
         else:
             marks.append((now, self._written))
-
-    def _shutdown_socket(self) -> None:
-        # The kernel's shutdown, not gevent's: gevent's would throw EBADF into a greenlet
-        # blocked reading this socket, while the kernel's wakes it with end of file.
-        fd = self._sock.fileno()
-        if fd < 0:
-            return
-        raw = _socket.socket(fileno=fd)
-        try:
-            raw.shutdown(_stdsocket.SHUT_RDWR)
-        except OSError:
-            pass  # the peer is already gone: nothing left to shut
-        finally:
-            raw.detach()
 
     # -- failure, flushers, release -----------------------------------------------------
 
