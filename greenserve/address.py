@@ -346,9 +346,10 @@ def from_sockaddr(family: int, sockaddr: Any, *, datagram: bool = False) -> Tcp 
     # validation (this runs for every accepted connection and received datagram).
     cls: type[Tcp] | type[Udp] = Udp if datagram else Tcp
     address = object.__new__(cls)
-    # Interned: the connections of one client host (or of a proxy in front of the
-    # server) share one string instead of one each (memory per connection).
-    _set_field(address, "host", sys.intern(sockaddr[0]))
+    # A connection's peer is interned: the connections of one client host (or of a
+    # proxy in front of the server) share one string, kept as long as they live
+    # (memory per connection). A datagram's sender is usually short-lived: as is.
+    _set_field(address, "host", sockaddr[0] if datagram else sys.intern(sockaddr[0]))
     _set_field(address, "port", sockaddr[1])
     return address
 

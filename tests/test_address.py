@@ -285,3 +285,10 @@ def test_parse_of_any_unix_text_raises_only_value_error(text: str) -> None:
         except ValueError:
             continue
         assert parse_address(str(addr)) == addr
+
+
+def test_accepted_peers_of_one_host_share_the_host_string() -> None:
+    # Memory per connection: many connections from one client (or proxy) hold one string.
+    a = from_sockaddr(socket.AF_INET, ("".join(["127.0.0.", "1"]), 40000))
+    b = from_sockaddr(socket.AF_INET, ("".join(["127.0.", "0.1"]), 40001))
+    assert a.host == b.host == "127.0.0.1" and a.host is b.host
