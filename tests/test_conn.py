@@ -29,16 +29,21 @@ pytestmark = pytest.mark.timeout(10)
 Pair = tuple[_gevent.Conn, socket.socket]
 
 
+def _connected(kind: str) -> tuple[socket.socket, socket.socket]:
+    """A connected pair of stdlib sockets, unix or TCP on loopback: ours, the peer."""
+    if kind == "unix":
+        return socket.socketpair()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    return ours, peer
+
+
 @pytest.fixture(params=["unix", "tcp"])
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     """A Conn and its blocking stdlib peer (the peer never blocks the hub: tests use it
     only for what the kernel takes at once, or from a thread-free path with data ready)."""
-    if request.param == "unix":
-        a, b = socket.socketpair()
-    else:
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            b = socket.create_connection(listener.getsockname())
-            a, _ = listener.accept()
+    a, b = _connected(request.param)
     conn = _gevent.Conn(a.detach(), b.family)
     try:
         yield conn, b
@@ -181,6 +186,19 @@ def test_gevent_socket_is_the_same_connection(pair: Pair) -> None:
     assert gsock.fileno() == -1  # closing the connection closes gevent's socket too
 
 
+def test_closing_the_gevent_socket_ends_a_wait_on_the_connection(pair: Pair) -> None:
+    # gevent's close (its _drop_events_and_close) cancels only its own watchers; the
+    # socket a Conn makes also ends the waits on the Conn's.
+    conn, _ = pair
+    gsock = conn.gevent_socket()
+    reader = gevent.spawn(conn.recv, 10)
+    gevent.sleep(0)
+    gsock.close()
+    with pytest.raises(OSError) as caught:
+        reader.get(timeout=5)
+    assert caught.value.errno == errno.EBADF
+
+
 def test_the_gevent_sockets_timeout_governs_the_connections_waits(pair: Pair) -> None:
     conn, _ = pair
     gsock = conn.gevent_socket()
@@ -214,9 +232,10 @@ def test_a_failed_start_closes_the_fd(tmp_path: Path) -> None:
 # -- ServedSocket: gevent's socket with the shallow wait ----------------------------------
 
 
-@pytest.fixture()
-def served() -> Iterator[tuple[_gevent.ServedSocket, socket.socket]]:
-    a, b = socket.socketpair()
+@pytest.fixture(params=["unix", "tcp"])
+def served(request: pytest.FixtureRequest
+           ) -> Iterator[tuple[_gevent.ServedSocket, socket.socket]]:
+    a, b = _connected(request.param)
     sock = _gevent.ServedSocket(a.family, socket.SOCK_STREAM, 0, fileno=a.detach())
     try:
         yield sock, b

@@ -457,6 +457,30 @@ def test_run_server_flow_socket_settimeout_bounds_the_flows_reads() -> None:
         result.get()
 
 
+def test_run_server_flow_socket_settimeout_bounds_the_flows_writes() -> None:
+    # The same for a write to a client that never reads: it raises TimeoutError.
+    raised: AsyncResult = AsyncResult()
+
+    def handler(flow: Flow, addr: Any) -> None:
+        flow.socket.settimeout(0.05)
+        try:
+            while True:
+                flow.write(b"x" * 65536)
+        except TimeoutError as exc:
+            raised.set(exc)
+
+    stop: AsyncResult = AsyncResult()
+    with Switch() as sw:
+        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
+        result = sw.fork_promise(net.run_server, lsock, handler, on_error=pytest.fail,
+                                 stop=stop)
+        c = client(lsock.address.port)  # never reads
+        assert isinstance(raised.get(timeout=5), TimeoutError)
+        c.close()
+        stop.set(None)
+        result.get()
+
+
 def test_run_server_limit_never_exceeded() -> None:
     limit, clients = 4, 40
     running = 0
