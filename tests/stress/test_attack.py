@@ -126,20 +126,21 @@ class BioClient:
         self.sock.close()
 
 
+def line_handler(addr: Any, reader: tcp.Reader, writer: tcp.Writer) -> None:
+    """A line protocol waiting for each line inside ``reader.idle()``."""
+    while True:
+        with reader.idle():
+            line = reader.read_line()
+        if line is None:
+            return
+        writer.write(b"ok " + line + b"\n")
+
+
 def line_server(**kw: Any) -> tuple[Any, Callable[[], Any]]:
-    """A ``tcp.Server`` with a line protocol whose handler waits inside
-    ``reader.idle()``; returns it and the address to connect to."""
-
-    def handler(addr: Any, reader: tcp.Reader, writer: tcp.Writer) -> None:
-        while True:
-            with reader.idle():
-                line = reader.read_line()
-            if line is None:
-                return
-            writer.write(b"ok " + line + b"\n")
-
+    """A ``tcp.Server`` running :func:`line_handler`; returns it and the address to
+    connect to."""
     where = kw.pop("where", "127.0.0.1:0")
-    server = tcp.Server.create(where, handler, **kw)
+    server = tcp.Server.create(where, line_handler, **kw)
     return server, lambda: (where[5:] if where.startswith("unix:")
                             else ("127.0.0.1", server.listening_on))
 

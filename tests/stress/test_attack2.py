@@ -25,7 +25,7 @@ from greenserve.errors import ConnectionReset
 
 from ..helpers import tls_over
 from .support import wait_until
-from .test_attack import connect_to
+from .test_attack import connect_to, line_handler
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -48,15 +48,6 @@ def closing_server(server: Any) -> Iterator[Any]:
     finally:
         server.close(close_existing_connections=True)
         assert server.close_finished.wait(TIMEOUT)
-
-
-def line_handler(addr: Any, reader: tcp.Reader, writer: tcp.Writer) -> None:
-    while True:
-        with reader.idle():
-            line = reader.read_line()
-        if line is None:
-            return
-        writer.write(b"ok " + line + b"\n")
 
 
 # -- reclaiming ----------------------------------------------------------------------------

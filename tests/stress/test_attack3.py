@@ -55,6 +55,18 @@ def serving(handler: Callable[[Flow, Any], object], **kw: Any) -> Iterator[Any]:
         g.get()
 
 
+def outcome_with_a_client(handler: Callable[[Flow, Any], object],
+                          outcome: AsyncResult) -> Any:
+    """Serve ``handler``, connect one client that sends nothing, and return what the
+    handler put in ``outcome``."""
+    with serving(handler) as addr:
+        client = connect_to(addr)
+        try:
+            return outcome.get(timeout=TIMEOUT)
+        finally:
+            client.close()
+
+
 def test_closing_flow_socket_wakes_a_read_waiting_on_the_flow() -> None:
     """net.md: a server's flow and its ``.socket`` are "the same connection" once the
     socket is made, and a close from another greenlet raises ``EBADF`` in a greenlet
@@ -90,12 +102,7 @@ def test_closing_flow_socket_wakes_a_read_waiting_on_the_flow() -> None:
         finally:
             helper.join(TIMEOUT)
 
-    with serving(handler) as addr:
-        client = connect_to(addr)
-        try:
-            got = outcome.get(timeout=TIMEOUT)
-        finally:
-            client.close()
+    got = outcome_with_a_client(handler, outcome)
     assert isinstance(got, OSError), got
 
 
@@ -137,12 +144,7 @@ def test_close_does_not_throw_into_a_reader_whose_wait_already_ended() -> None:
         finally:
             gevent.joinall(helpers, timeout=TIMEOUT)
 
-    with serving(handler) as addr:
-        client = connect_to(addr)
-        try:
-            got = outcome.get(timeout=TIMEOUT)
-        finally:
-            client.close()
+    got = outcome_with_a_client(handler, outcome)
     assert got == "ok", got
 
 
