@@ -244,7 +244,9 @@ class Conn:
         """``recv``/``recv_into`` (``method``) of ``arg``, waiting for readability
         first when ``wait_first`` (see :func:`receive`), unless non-blocking. (The
         ``Flow``'s and ``Reader``'s read: :meth:`_retry` spelled out, one call less.)"""
-        if wait_first and self.gettimeout() != 0.0:
+        # The timeout inlined (gettimeout): this runs for nearly every read.
+        if wait_first and (self._timeout if self._gsock is None
+                           else self._gsock.timeout) != 0.0:
             self.wait_readable()
         while True:
             try:
