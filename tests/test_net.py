@@ -433,15 +433,27 @@ def test_run_server_flow_socket_is_a_gevent_socket_of_the_same_connection() -> N
     assert seen == [(True, True, True)]
 
 
-def test_run_server_flow_socket_settimeout_bounds_the_flows_reads() -> None:
-    # As docs/net.md says: flow.socket.settimeout(t) makes a read that waits longer
-    # raise TimeoutError (the flow's reads wait on the lean connection: it follows).
+def _read_once(flow: Flow) -> None:
+    flow.read()
+
+
+def _write_forever(flow: Flow) -> None:
+    while True:
+        flow.write(b"x" * 65536)
+
+
+@pytest.mark.parametrize("wait", [_read_once, _write_forever])
+def test_run_server_flow_socket_settimeout_bounds_the_flows_reads_and_writes(
+        wait: Any) -> None:
+    # As docs/net.md says: flow.socket.settimeout(t) makes a read or a write that waits
+    # longer raise TimeoutError (the flow waits on the lean connection: it follows).
+    # The client sends nothing and reads nothing.
     raised: AsyncResult = AsyncResult()
 
     def handler(flow: Flow, addr: Any) -> None:
         flow.socket.settimeout(0.05)
         try:
-            flow.read()
+            wait(flow)
         except TimeoutError as exc:
             raised.set(exc)
 
@@ -450,31 +462,7 @@ def test_run_server_flow_socket_settimeout_bounds_the_flows_reads() -> None:
         lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
         result = sw.fork_promise(net.run_server, lsock, handler, on_error=pytest.fail,
                                  stop=stop)
-        c = client(lsock.address.port)  # sends nothing
-        assert isinstance(raised.get(timeout=5), TimeoutError)
-        c.close()
-        stop.set(None)
-        result.get()
-
-
-def test_run_server_flow_socket_settimeout_bounds_the_flows_writes() -> None:
-    # The same for a write to a client that never reads: it raises TimeoutError.
-    raised: AsyncResult = AsyncResult()
-
-    def handler(flow: Flow, addr: Any) -> None:
-        flow.socket.settimeout(0.05)
-        try:
-            while True:
-                flow.write(b"x" * 65536)
-        except TimeoutError as exc:
-            raised.set(exc)
-
-    stop: AsyncResult = AsyncResult()
-    with Switch() as sw:
-        lsock = net.listen(Tcp("127.0.0.1", 0), sw=sw)
-        result = sw.fork_promise(net.run_server, lsock, handler, on_error=pytest.fail,
-                                 stop=stop)
-        c = client(lsock.address.port)  # never reads
+        c = client(lsock.address.port)
         assert isinstance(raised.get(timeout=5), TimeoutError)
         c.close()
         stop.set(None)

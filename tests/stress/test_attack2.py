@@ -12,8 +12,6 @@ import contextvars
 import hashlib
 import socket
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import gevent
@@ -25,7 +23,7 @@ from greenserve.errors import ConnectionReset
 
 from ..helpers import tls_over
 from .support import wait_until
-from .test_attack import connect_to, line_handler
+from .test_attack import closing_server, connect_to, line_handler
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -39,15 +37,6 @@ def port_of(lsock: Any) -> int:
 def reset(sock: Any) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-@contextmanager
-def closing_server(server: Any) -> Iterator[Any]:
-    try:
-        yield server
-    finally:
-        server.close(close_existing_connections=True)
-        assert server.close_finished.wait(TIMEOUT)
 
 
 # -- reclaiming ----------------------------------------------------------------------------
