@@ -757,7 +757,10 @@ class Acceptor:
             self._timer.stop()  # an fd was freed: try accepting again at once
         if not self.active:
             self.idle.set()
-        self._update()
+        if not self._watching or self.active >= self._limit:
+            # Watching and below the limit: one fewer connection changes nothing that
+            # _update() looks at (the common case: no call per connection).
+            self._update()
 
     def _log_handler_error(self, exc: Exception, peer: Any) -> None:
         log.error("%s: handler failed", self.name, exc_info=exc)

@@ -34,6 +34,7 @@ from time import monotonic as _monotonic
 from typing import Any
 
 import gevent
+import gevent._socket3
 import greenlet
 from gevent import monkey
 from gevent import socket as gsocket
@@ -284,7 +285,9 @@ class Conn:
         watcher = self._read
         if watcher is None:
             watcher = self._read = self._watcher(READ)
-        _block(watcher, self.gettimeout() if timeout is _OWN else timeout)
+        if timeout is _OWN:  # gettimeout() inlined: a wait per round trip runs this
+            timeout = self._timeout if self._gsock is None else self._gsock.timeout
+        _block(watcher, timeout)
 
     def wait_writable(self, timeout: Any = _OWN) -> None:
         """Wait until writable (or ``timeout``, as :meth:`wait_readable`)."""
@@ -304,6 +307,8 @@ class Conn:
     def close(self) -> None:
         """Close (idempotent); a greenlet waiting on the connection gets ``EBADF``, and
         other watchers on the fd (a ``Writer``'s) an event, before the fd closes."""
+        if self._sock is _CLOSED:
+            return  # closed already (the engine closes what a face closed: no work twice)
         self._cancel_waits()
         if self._gsock is not None:
             self._gsock.close()  # gevent closes the fd, as it does its own
@@ -324,9 +329,13 @@ class Conn:
     def _cancel_waits(self) -> None:
         # Before the fd closes (libev must not watch a closed fd): a greenlet waiting
         # gets EBADF. Also when the gevent socket made over this connection closes.
-        if self._read is not None:
-            _cancel_wait(self._read)
+        watcher = self._read
+        if watcher is not None:
             self._read = None
+            if watcher.active:
+                _cancel_wait(watcher)
+            else:
+                watcher.close()  # _cancel_wait's common case, without the call
         if self._write is not None:
             _cancel_wait(self._write)
             self._write = None
@@ -351,6 +360,8 @@ class Conn:
 
 
 # What a closed Conn holds: a closed stdlib socket, every call of which raises EBADF.
+# What gevent's socket holds once closed (its close checks for it, as ServedSocket's does).
+_CLOSED_SOCKET = gevent._socket3._closedsocket
 _CLOSED = _socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
 _CLOSED.close()
 
@@ -422,6 +433,14 @@ class ServedSocket(gsocket.socket):  # type: ignore[misc]  # gevent is untyped
             raise ConcurrentObjectUseError("The socket has already been closed by another "
                                            "greenlet")
         _block(watcher, self.timeout, timeout_exc, gevents=True)
+
+    def close(self) -> None:
+        # gevent's close, in one call instead of three (``close``, ``_real_close``,
+        # ``_closedsocket.__bool__``): a served socket is closed twice, by the face's
+        # close and then by the engine's release.
+        self._closed = True
+        if self._io_refs <= 0 and self._sock.__class__ is not _CLOSED_SOCKET:
+            self._detach_socket("closed")
 
 
 def _cancel_wait(watcher: Any) -> None:

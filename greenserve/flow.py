@@ -22,6 +22,8 @@ from .address import Address, Fd, Tcp, Udp, Unix, from_sockaddr
 from .errors import reraise
 from .switch import ReleaseHook, Switch
 
+_Conn = _gevent.Conn
+
 __all__ = ["DatagramSocket", "Flow", "ListeningSocket", "Reclaimer", "open_listener"]
 
 _SHUTDOWN = {"send": _stdsocket.SHUT_WR, "receive": _stdsocket.SHUT_RD,
@@ -135,7 +137,11 @@ class Flow(_Owned, ReclaimMarks):
     def __init__(self, sock: gsocket.socket | _gevent.Conn, *,
                  peer: Tcp | Unix | None = None, sw: Switch | None = None,
                  reclaimer: Reclaimer | None = None) -> None:
-        super().__init__(sock)
+        # _Owned.__init__ spelled out (a flow is made per connection: one call less)
+        self._sock = sock
+        self._hook: ReleaseHook | None = None
+        self._closed = False
+        self._unlink = None
         self._peer = peer
         self._reclaimer = reclaimer  # the server that accepted it (see idle())
         self._idle = False
@@ -147,7 +153,8 @@ class Flow(_Owned, ReclaimMarks):
         # Not for TLS: decrypted bytes can wait in the SSL object with the kernel empty.
         self._drained = False
         self._plain = _gevent.is_plain(sock)
-        self._own(sw)
+        if sw is not None:
+            self._own(sw)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
@@ -206,9 +213,12 @@ class Flow(_Owned, ReclaimMarks):
 
     def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """Read up to ``max_bytes``; ``b""`` at end of file."""
+        sock = self._sock
         try:
-            if self._plain:
-                data: bytes = _gevent.receive(self._sock, "recv", max_bytes, self._drained)
+            if sock.__class__ is _Conn:  # a server's lean connection: its read directly
+                data: bytes = sock.receive("recv", max_bytes, self._drained)
+            elif self._plain:
+                data = _gevent.receive(sock, "recv", max_bytes, self._drained)
             else:
                 data = self._sock.recv(max_bytes)
         except OSError as exc:
@@ -222,9 +232,12 @@ class Flow(_Owned, ReclaimMarks):
 
     def read_into(self, buffer: Any) -> int:
         """Read into ``buffer`` (a writable buffer); return the count, 0 at end of file."""
+        sock = self._sock
         try:
-            if self._plain:
-                n: int = _gevent.receive(self._sock, "recv_into", buffer, self._drained)
+            if sock.__class__ is _Conn:
+                n: int = sock.receive("recv_into", buffer, self._drained)
+            elif self._plain:
+                n = _gevent.receive(sock, "recv_into", buffer, self._drained)
             else:
                 n = self._sock.recv_into(buffer)
         except OSError as exc:
@@ -243,7 +256,8 @@ class Flow(_Owned, ReclaimMarks):
             # One raw send first: the kernel almost always takes a whole reply at once,
             # and gevent's sendall adds three Python calls and a memoryview to that.
             try:
-                sent = _gevent.raw_send(sock, data)
+                sent = (sock._sock.send(data) if sock.__class__ is _Conn  # its own socket
+                        else _gevent.raw_send(sock, data))
             except BlockingIOError:
                 sent = 0
             except OSError as exc:

@@ -154,6 +154,8 @@ class StreamServer:
         self._accepting = False        # what start_accepting/stop_accepting asked for
         self._handling: set[Any] = set()    # greenlets running one of our handlers
         self._rejected: weakref.WeakSet[Any] = weakref.WeakSet()  # fibers not to call handle
+        self._any_rejected = False  # whether _rejected was ever used (a WeakSet's `in`
+        # is Python code: the common case skips it)
         self._stopped = Event()
         self._stopped.set()
         self.loop = gevent.get_hub().loop
@@ -417,9 +419,9 @@ class StreamServer:
 
     def _serve_with(self, handle: Handle, conn: Any, peer: Tcp | Unix) -> None:
         me = getcurrent()
-        if me in self._rejected:
+        if self._any_rejected and me in self._rejected:
             return  # the spawn for it failed: the engine just closes the socket
-        address = _gevent_address(peer)
+        address = as_accepted(peer)
         self._handling.add(me)
         try:
             handle(conn, address)
@@ -529,6 +531,7 @@ class StreamServer:
         # The engine owns the socket: let it run its fiber function, which closes the
         # socket, without calling the handler.
         fiber = run.switch.fork(serve, sock, peer)
+        self._any_rejected = True
         self._rejected.add(fiber)
         return fiber
 
@@ -538,6 +541,7 @@ class StreamServer:
         try:
             pool.add(me)  # blocks until the pool has room
         except BaseException:
+            self._any_rejected = True
             self._rejected.add(me)
             serve(sock, peer)  # closes the socket without calling the handler
             raise
@@ -648,6 +652,8 @@ class _Uncancellable:
 
 
 def _cancellable(fiber: Any) -> Any:
+    if isinstance(fiber, gevent.Greenlet):  # what a Pool or Group spawns: the common case
+        return fiber
     if hasattr(fiber, "kill") and hasattr(fiber, "dead"):
         return fiber
     if isinstance(fiber, greenlet.greenlet):
@@ -656,6 +662,9 @@ def _cancellable(fiber: Any) -> Any:
 
 
 def _pool_full(pool: Any) -> bool:
+    if pool.__class__ is Pool:  # gevent's own: its full() in one step (two checks a
+        size = pool.size        # connection, three Python calls each)
+        return size is not None and len(pool.greenlets) >= size
     full = getattr(pool, "full", None)
     return bool(full()) if full is not None else False
 

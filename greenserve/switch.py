@@ -319,8 +319,12 @@ class Switch:
             run = self._run_owned_fn = self._run_owned
         g = RawFiber(run, hub)
         g._job = (fn, *args)  # one tuple, unpacked when the fiber starts
-        g.gr_context = (contextvars.copy_context() if context is None
-                        else self._as_current(context).copy())
+        if context is None:
+            g.gr_context = contextvars.copy_context()
+        else:
+            given = self._given_context  # _as_current's answer, without the call
+            g.gr_context = (given[1] if given is not None and given[0] is context
+                            else self._as_current(context)).copy()
         self._state[g] = _PENDING
         self._live += 1
         self._fibers_done.clear()
@@ -360,7 +364,11 @@ class Switch:
         except BaseException as exc:
             self._fiber_failed(exc, None, None)
         finally:
-            self._reap(me)
+            # _reap, for a fiber that is never a daemon, without the call
+            self._state.pop(me, None)
+            self._live -= 1
+            if not self._live:
+                self._fibers_done.set()
 
     def _cancel_fiber(self, g: Greenlet) -> None:
         """Cancel one fiber of this switch (at most once; before it starts: never runs)."""

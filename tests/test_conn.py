@@ -20,6 +20,7 @@ import gevent
 import gevent.event
 import pytest
 from gevent import socket as gsocket
+from gevent._socket3 import _closedsocket
 from gevent.exceptions import BlockingSwitchOutError, ConcurrentObjectUseError, InvalidSwitchError
 
 from greenserve import _gevent
@@ -275,4 +276,23 @@ def test_served_socket_close_from_another_greenlet_wakes_the_waiter_with_ebadf(
     sock.close()
     with pytest.raises(OSError) as caught:
         reader.get(timeout=5)
+    assert caught.value.errno == errno.EBADF
+
+
+def test_served_socket_close_is_gevents_close(
+        served: tuple[_gevent.ServedSocket, socket.socket]) -> None:
+    # ServedSocket.close is gevent's close in one call: the same checks of gevent's
+    # internals (_io_refs, the _closedsocket placeholder) that gevent's own makes.
+    sock, peer = served
+    stream = sock.makefile("rb")
+    sock.close()  # a file is open on it: the fd stays open until the file closes
+    peer.sendall(b"still here\n")
+    assert stream.readline() == b"still here\n"
+    stream.close()  # the last reference: now the socket closes
+    peer.settimeout(5)
+    assert peer.recv(10) == b""
+    assert sock._sock.__class__ is _closedsocket  # what close() checks, as gevent's does
+    sock.close()  # again: nothing happens
+    with pytest.raises(OSError) as caught:
+        sock.recv(10)
     assert caught.value.errno == errno.EBADF
