@@ -438,7 +438,7 @@ class ServedSocket(gsocket.socket):  # type: ignore[misc]  # gevent is untyped
         # gevent's close, in one call instead of three (``close``, ``_real_close``,
         # ``_closedsocket.__bool__``): a served socket is closed twice, by the face's
         # close and then by the engine's release.
-        self._closed = True
+        self._closed = True  # type: ignore[misc]  # a slot of gevent's class
         if self._io_refs <= 0 and self._sock.__class__ is not _CLOSED_SOCKET:
             self._detach_socket("closed")
 
