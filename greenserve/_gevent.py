@@ -359,9 +359,9 @@ class Conn:
         return gsock
 
 
-# What a closed Conn holds: a closed stdlib socket, every call of which raises EBADF.
 # What gevent's socket holds once closed (its close checks for it, as ServedSocket's does).
 _CLOSED_SOCKET = gevent._socket3._closedsocket
+# What a closed Conn holds: a closed stdlib socket, every call of which raises EBADF.
 _CLOSED = _socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
 _CLOSED.close()
 

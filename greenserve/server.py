@@ -28,6 +28,7 @@ Design rules:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket as _stdsocket
 import ssl
@@ -406,18 +407,12 @@ class StreamServer:
 
     # -- one connection -----------------------------------------------------------------------
 
-    def _serve_connection(self, conn: Any, peer: Tcp | Unix) -> None:
-        """The engine's handler when the engine did the TLS handshake (or there is no
-        TLS and ``_handle`` is gevent's): calls ``handle``. Runs in the connection's
-        greenlet (or the hub)."""
-        self._serve_with(self.handle, conn, peer)
-
-    def _serve_connection_gevent(self, conn: Any, peer: Tcp | Unix) -> None:
-        """The engine's handler when gevent's hooks decide: calls ``_handle`` (with TLS,
-        ``wrap_socket_and_handle``, which calls ``wrap_socket``)."""
-        self._serve_with(self._handle, conn, peer)
-
-    def _serve_with(self, handle: Handle, conn: Any, peer: Tcp | Unix) -> None:
+    def _serve_connection(self, conn: Any, peer: Tcp | Unix, entry: str = "handle") -> None:
+        """The engine's handler: calls ``handle`` (the engine did the TLS handshake, or
+        there is no TLS and ``_handle`` is gevent's), or with ``entry="_handle"``, when
+        gevent's hooks decide, ``_handle`` (with TLS, ``wrap_socket_and_handle``, which
+        calls ``wrap_socket``). Runs in the connection's greenlet (or the hub)."""
+        handle: Handle = getattr(self, entry)  # looked up per connection, as gevent's
         me = getcurrent()
         if self._any_rejected and me in self._rejected:
             return  # the spawn for it failed: the engine just closes the socket
@@ -525,7 +520,7 @@ class StreamServer:
         if pool is not None and _pool_full(pool) and run.acceptor.active < run.limit:
             # Full, but not of ours: the engine would go on. It waits for room instead.
             run.acceptor.pause_until(pool.wait_available)
-        return _cancellable(fiber)
+        return fiber if isinstance(fiber, gevent.Greenlet) else _cancellable(fiber)
 
     def _reject(self, run: _Run, serve: Callable[..., Any], sock: Any, peer: Any) -> Any:
         # The engine owns the socket: let it run its fiber function, which closes the
@@ -588,7 +583,8 @@ class _Run:
         self.limit = limit if limit is not None else 0  # 0: no limit of ours to compare
         # gevent's TLS hooks customised: the handshake happens in _handle, not the engine.
         self.engine_tls = not server._gevent_tls_hooks()
-        handler = server._serve_connection if self.engine_tls else server._serve_connection_gevent
+        handler = (server._serve_connection if self.engine_tls
+                   else functools.partial(server._serve_connection, entry="_handle"))
         options = ServerOptions(
             max_connections=limit, max_accepts_per_batch=server.max_accept,
             ssl_context=server.ssl_context if self.engine_tls else None,

@@ -96,6 +96,7 @@ TLS_RECORD = 16384
 _CR = 13  # b"\r"[0]
 # The buffer of a Reader or Writer with nothing in it: shared, immutable.
 _EMPTY = b""
+_Conn = _gevent.Conn  # a server's lean connection (its reads and sends go to it directly)
 
 # Writer states (see the module docstring).
 _IDLE, _SCHEDULED, _WAITING = 0, 1, 2
@@ -317,11 +318,14 @@ class Reader(ReclaimMarks):
     # -- buffer helpers -----------------------------------------------------------------
 
     def _recv(self, size: int) -> bytes:
+        sock = self._sock
         try:
-            if self._plain:
-                data: bytes = _gevent.receive(self._sock, "recv", size, self._drained)
+            if sock.__class__ is _Conn:  # a server's lean connection: its read directly
+                data: bytes = sock.receive("recv", size, self._drained)
+            elif self._plain:
+                data = _gevent.receive(sock, "recv", size, self._drained)
             else:
-                data = self._sock.recv(size)
+                data = sock.recv(size)
         except OSError as exc:
             new = translate(exc)
             if new is exc:
@@ -442,13 +446,18 @@ class Writer:
         if on_failure is not None and not callable(on_failure):
             raise TypeError(f"on_failure must be callable or None, not "
                             f"{type(on_failure).__name__}")
-        fd = sock.fileno()
+        if sock.__class__ is _Conn:  # a server's lean connection: its own stdlib socket
+            raw: Any = sock._sock
+            fd = raw.fileno()
+        else:
+            fd = sock.fileno()
+            # A plain gevent socket's non-blocking stdlib socket sends without gevent's
+            # wrapper; a TLS socket must go through its SSL object.
+            raw = _gevent.raw_socket(sock) if _gevent.is_plain(sock) else None
         if fd < 0:
             raise ValueError("sock is closed")
         self._sock = sock
-        # A plain gevent socket's non-blocking stdlib socket sends without gevent's
-        # wrapper; a TLS socket must go through its SSL object.
-        self._raw: Any = _gevent.raw_socket(sock) if _gevent.is_plain(sock) else None
+        self._raw = raw
         # As the Reader's: shared and empty until bytes must wait in it.
         self._buf: bytes | bytearray = _EMPTY
         # A bytes object written while nothing was pending is kept as is (no copy into
@@ -613,8 +622,11 @@ class Writer:
         data = buf if head is None else head
         raw = self._raw
         want = _gevent.WRITE
+        sock = self._sock
         try:
-            if raw is not None and _gevent.holds(self._sock, raw):
+            if sock.__class__ is _Conn:
+                sent = sock._sock.send(data)  # EBADF once closed (its _sock then says so)
+            elif raw is not None and _gevent.holds(sock, raw):
                 sent = raw.send(data)
             elif isinstance(self._sock, gssl.SSLSocket):
                 sent, want = self._send_tls(data)
@@ -786,7 +798,10 @@ class Writer:
         if self._callback is not None:
             self._callback.stop()
             self._callback = None
-        self._become_idle()
+        if self._state == _WAITING:
+            self._become_idle()
+        else:
+            self._state = _IDLE
         self._buf = _EMPTY
         self._head = None
 
@@ -796,7 +811,8 @@ class Writer:
             if watcher is not None:
                 watcher.close()
         self._watcher = self._timer = None
-        self._wake_flushers(everyone=True)
+        if self._flushers:
+            self._wake_flushers(everyone=True)
         self._sock.close()
 
 

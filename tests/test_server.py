@@ -274,6 +274,12 @@ def test_an_int_spawn_is_a_pool_and_its_size_the_limit() -> None:
     assert _limit_run(server, 6) == 2
 
 
+def test_an_unbounded_pool_leaves_the_limit_to_max_connections() -> None:
+    server = StreamServer(("127.0.0.1", 0), echo, spawn=Pool(None), max_connections=3,
+                          max_accepts_per_batch=16)
+    assert _limit_run(server, 6) == 3
+
+
 def test_max_connections_and_a_pool_the_smaller_limit_wins() -> None:
     server = StreamServer(("127.0.0.1", 0), echo, spawn=Pool(5), max_connections=2)
     assert _limit_run(server, 5) == 2
