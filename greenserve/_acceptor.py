@@ -458,19 +458,8 @@ class Acceptor:
             raise
 
     def _accept_some(self, listener: gsocket.socket, family: int, nodelay: bool) -> None:
-        if self._spawn is None and self._sw.cancelled:
-            self.close(close_listeners=False)  # the owner is going away: so are we
-            return
-        raw = _gevent.raw_socket(listener)
-        if raw is None:  # closed under us: as accept() on a closed fd would say
-            self._accept_failed(OSError(errno.EBADF, "the listening socket was closed"))
-            return
-        if self.active >= self._limit:
-            # Woken at the limit: a client waits in the backlog. Make room for it (the
-            # next wake-up, after that release, accepts it). Only here: reaching the
-            # limit during a batch says nothing of a client waiting.
-            if not self._drop_incoming:
-                self._reclaim_one()
+        raw = self._ready(listener)
+        if raw is None:
             return
         for _ in range(self.max_accepts_per_batch):
             if not self._watching or self.active >= self._limit:
@@ -485,6 +474,25 @@ class Acceptor:
                 continue
             self._backoff = 0.0
             self._take(fd, addr, family, nodelay)
+
+    def _ready(self, listener: gsocket.socket) -> Any:
+        """The listening stdlib socket to accept from now, or None (nothing to accept
+        in this wake-up: what stands in the way was dealt with)."""
+        if self._spawn is None and self._sw.cancelled:
+            self.close(close_listeners=False)  # the owner is going away: so are we
+            return None
+        raw = _gevent.raw_socket(listener)
+        if raw is None:  # closed under us: as accept() on a closed fd would say
+            self._accept_failed(OSError(errno.EBADF, "the listening socket was closed"))
+            return None
+        if self.active >= self._limit:
+            # Woken at the limit: a client waits in the backlog. Make room for it (the
+            # next wake-up, after that release, accepts it). Only here: reaching the
+            # limit during a batch says nothing of a client waiting.
+            if not self._drop_incoming:
+                self._reclaim_one()
+            return None
+        return raw
 
     def _accept_failed(self, exc: OSError) -> bool:
         """Handle an accept error; True means: go on accepting in this batch."""
@@ -515,10 +523,33 @@ class Acceptor:
         self._update()
 
     def _take(self, fd: int, addr: Any, family: int, nodelay: bool) -> None:
+        # The fiber is made near the top of the functions on this path: a gevent
+        # Greenlet (a StreamServer's pool) records the stack it was spawned from, with
+        # each frame's line number, whose cost grows with the line's distance into its
+        # function (benchmarks/README.md).
+        admitted = self._admit(fd, addr, family, nodelay)
+        if admitted is None:
+            return
+        sock, peer = admitted
+        try:
+            if self._spawn is not None:
+                g = self._spawn(self._serve, sock, peer)
+            else:
+                g = self._sw._fork_owning(self._serve_fn, self._unserved_fn, sock, peer,
+                                          context=self._context, lean=self._lean)
+        except Exception as exc:
+            self._spawn_failed(exc, sock, peer)
+            return
+        if sock in self._conns:
+            self._conns[sock] = g
+
+    def _admit(self, fd: int, addr: Any, family: int, nodelay: bool) -> Any:
+        """The accepted ``fd`` as a connection, counted in: ``(sock, peer)``; None when
+        it was dropped or its peer is gone already."""
         if self._drop_incoming:
             os.close(fd)
             self.stats["dropped"] += 1
-            return
+            return None
         if self._lean_conns:
             sock: Any = _gevent.Conn(fd, family)  # closes fd if it fails
         else:
@@ -535,22 +566,12 @@ class Acceptor:
             sock.close()
             log.debug("%s: connection from %r gone before it was served: %s",
                       self.name, addr, exc)
-            return
+            return None
         except BaseException:
             sock.close()
             raise
         self._count_in(sock)
-        try:
-            if self._spawn is None:
-                g = self._sw._fork_owning(self._serve_fn, self._unserved_fn, sock, peer,
-                                          context=self._context, lean=self._lean)
-            else:
-                g = self._spawn(self._serve, sock, peer)
-        except Exception as exc:
-            self._spawn_failed(exc, sock, peer)
-            return
-        if sock in self._conns:
-            self._conns[sock] = g
+        return sock, peer
 
     def _spawn_failed(self, exc: Exception, sock: gsocket.socket, peer: Any) -> None:
         # The connection's fiber could not be made: free the connection (its client

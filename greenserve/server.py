@@ -501,26 +501,36 @@ class StreamServer:
         serve(*args)  # spawn=None: gevent runs the handler right in the accept callback
 
     def _spawn_connection(self, serve: Callable[..., Any], sock: Any, peer: Any) -> Any:
+        pool, spawn = self.pool, self._spawn
+        if pool is None or not _pool_full(pool):
+            try:  # (the spawn first: see the engine's _take)
+                fiber = spawn(serve, sock, peer)  # type: ignore[misc]  # set when we run
+            except Exception as exc:
+                return self._spawn_failed(exc, serve, sock, peer)
+            if pool is not None and _pool_full(pool):
+                self._pool_filled(pool)
+            return fiber if isinstance(fiber, gevent.Greenlet) else _cancellable(fiber)
+        # A shared pool filled by someone else: this connection waits for room (in the
+        # pool's accounting), and accepting pauses until there is some.
         run = self._run
         assert run is not None
-        pool = self.pool
-        if pool is not None and _pool_full(pool):
-            # A shared pool filled by someone else: this connection waits for room
-            # (in the pool's accounting), and accepting pauses until there is some.
-            run.acceptor.pause_until(pool.wait_available)
-            return run.switch.fork(self._serve_when_pool_has_room, pool, serve, sock, peer)
-        fn = self._spawn
-        assert fn is not None
-        try:
-            fiber = fn(serve, sock, peer)
-        except Exception as exc:
-            hub = gevent.get_hub()
-            hub.handle_error((_gevent_address(peer), self), type(exc), exc, exc.__traceback__)
-            return self._reject(run, serve, sock, peer)
-        if pool is not None and _pool_full(pool) and run.acceptor.active < run.limit:
+        run.acceptor.pause_until(pool.wait_available)
+        return run.switch.fork(self._serve_when_pool_has_room, pool, serve, sock, peer)
+
+    def _pool_filled(self, pool: Any) -> None:
+        run = self._run
+        assert run is not None
+        if run.acceptor.active < run.limit:
             # Full, but not of ours: the engine would go on. It waits for room instead.
             run.acceptor.pause_until(pool.wait_available)
-        return fiber if isinstance(fiber, gevent.Greenlet) else _cancellable(fiber)
+
+    def _spawn_failed(self, exc: Exception, serve: Callable[..., Any], sock: Any,
+                      peer: Any) -> Any:
+        run = self._run
+        assert run is not None
+        hub = gevent.get_hub()
+        hub.handle_error((_gevent_address(peer), self), type(exc), exc, exc.__traceback__)
+        return self._reject(run, serve, sock, peer)
 
     def _reject(self, run: _Run, serve: Callable[..., Any], sock: Any, peer: Any) -> Any:
         # The engine owns the socket: let it run its fiber function, which closes the
