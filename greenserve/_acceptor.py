@@ -446,7 +446,24 @@ class Acceptor:
         # Nothing may escape this callback: gevent stops a watcher whose callback raised,
         # while _watching would still say it runs, and the listener would be deaf.
         try:
-            self._accept_some(listener, family, nodelay)
+            raw = self._ready(listener)
+            if raw is None:
+                return
+            for _ in range(self.max_accepts_per_batch):
+                if not self._watching or self.active >= self._limit:
+                    return
+                try:
+                    fd, addr = _gevent.accept_raw(raw)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if not self._accept_failed(exc):
+                        return
+                    continue
+                self._backoff = 0.0
+                admitted = self._admit(fd, addr, family, nodelay)
+                if admitted is not None:
+                    self._start(*admitted)
         except Exception as exc:  # a bug of ours, not the client's: say so, go on
             self._log(logging.ERROR, -2, "%s: accepting failed unexpectedly: %r",
                       self.name, exc, exc_info=exc)
@@ -456,24 +473,6 @@ class Acceptor:
                 w.stop()
             gevent.get_hub().loop.run_callback(self._update)
             raise
-
-    def _accept_some(self, listener: gsocket.socket, family: int, nodelay: bool) -> None:
-        raw = self._ready(listener)
-        if raw is None:
-            return
-        for _ in range(self.max_accepts_per_batch):
-            if not self._watching or self.active >= self._limit:
-                return
-            try:
-                fd, addr = _gevent.accept_raw(raw)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if not self._accept_failed(exc):
-                    return
-                continue
-            self._backoff = 0.0
-            self._take(fd, addr, family, nodelay)
 
     def _ready(self, listener: gsocket.socket) -> Any:
         """The listening stdlib socket to accept from now, or None (nothing to accept
@@ -522,15 +521,12 @@ class Acceptor:
         self._timer.stop()
         self._update()
 
-    def _take(self, fd: int, addr: Any, family: int, nodelay: bool) -> None:
+    def _start(self, sock: Any, peer: Any) -> None:
+        """Start the fiber of a connection :meth:`_admit` counted in."""
         # The fiber is made near the top of the functions on this path: a gevent
         # Greenlet (a StreamServer's pool) records the stack it was spawned from, with
         # each frame's line number, whose cost grows with the line's distance into its
         # function (benchmarks/README.md).
-        admitted = self._admit(fd, addr, family, nodelay)
-        if admitted is None:
-            return
-        sock, peer = admitted
         try:
             if self._spawn is not None:
                 g = self._spawn(self._serve, sock, peer)

@@ -410,7 +410,7 @@ def test_reaching_the_limit_reclaims_nothing_when_no_client_waits(face: str) -> 
     """``max_connections=2``; ``a`` is served and idle; ``b`` arrives and takes the
     second slot. Nobody waits in the backlog, so nothing may be reclaimed ("one for
     one"). With ``max_accepts_per_batch`` > 1 (run_server's default is 100, gunicorn's
-    with one worker too) ``_accept_some`` (``_acceptor.py``) loops on after accepting
+    with one worker too) ``_accept_batch`` (``_acceptor.py``) loops on after accepting
     ``b``, finds ``active >= limit`` and calls ``_reclaim_one()`` without any client
     waiting: ``a`` is closed for nobody. Every client that fills the last slot costs
     an idle client its connection."""
