@@ -446,14 +446,14 @@ class Acceptor:
         # Nothing may escape this callback: gevent stops a watcher whose callback raised,
         # while _watching would still say it runs, and the listener would be deaf.
         try:
-            raw = self._ready(listener)
-            if raw is None:
+            accept = self._ready(listener)
+            if accept is None:
                 return
             for _ in range(self.max_accepts_per_batch):
                 if not self._watching or self.active >= self._limit:
                     return
                 try:
-                    fd, addr = _gevent.accept_raw(raw)
+                    fd, addr = accept()
                 except BlockingIOError:
                     return
                 except OSError as exc:
@@ -475,13 +475,14 @@ class Acceptor:
             raise
 
     def _ready(self, listener: gsocket.socket) -> Any:
-        """The listening stdlib socket to accept from now, or None (nothing to accept
-        in this wake-up: what stands in the way was dealt with)."""
+        """The listener's non-blocking accept function (``_gevent.raw_accept``) to
+        accept with now, or None (nothing to accept in this wake-up: what stands in the
+        way was dealt with)."""
         if self._spawn is None and self._sw.cancelled:
             self.close(close_listeners=False)  # the owner is going away: so are we
             return None
-        raw = _gevent.raw_socket(listener)
-        if raw is None:  # closed under us: as accept() on a closed fd would say
+        accept = _gevent.raw_accept(listener)
+        if accept is None:  # closed under us: as accept() on a closed fd would say
             self._accept_failed(OSError(errno.EBADF, "the listening socket was closed"))
             return None
         if self.active >= self._limit:
@@ -491,7 +492,7 @@ class Acceptor:
             if not self._drop_incoming:
                 self._reclaim_one()
             return None
-        return raw
+        return accept
 
     def _accept_failed(self, exc: OSError) -> bool:
         """Handle an accept error; True means: go on accepting in this batch."""
@@ -566,7 +567,16 @@ class Acceptor:
         except BaseException:
             sock.close()
             raise
-        self._count_in(sock)
+        self._conns[sock] = None  # counted in (a call less per connection)
+        self.active += 1
+        stats = self.stats
+        stats["accepted"] += 1
+        stats["active"] = self.active
+        if self.active > stats["peak_active"]:
+            stats["peak_active"] = self.active
+        self.idle.clear()
+        if self.active >= self._limit:
+            self._update()
         return sock, peer
 
     def _spawn_failed(self, exc: Exception, sock: gsocket.socket, peer: Any) -> None:
@@ -578,18 +588,6 @@ class Acceptor:
             self._on_error(exc, peer)
         except Exception as raised:  # as from a connection fiber: it fails the switch
             self._sw.fail(raised)
-
-    def _count_in(self, sock: gsocket.socket) -> None:
-        self._conns[sock] = None
-        self.active += 1
-        stats = self.stats
-        stats["accepted"] += 1
-        stats["active"] = self.active
-        if self.active > stats["peak_active"]:
-            stats["peak_active"] = self.active
-        self.idle.clear()
-        if self.active >= self._limit:
-            self._update()
 
     # -- one connection (runs in its own fiber) -----------------------------------------
 

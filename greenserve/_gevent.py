@@ -47,7 +47,6 @@ __all__ = [
     "WRITE",
     "Conn",
     "ServedSocket",
-    "accept_raw",
     "bytes_received",
     "has_unread",
     "holds",
@@ -55,6 +54,7 @@ __all__ = [
     "kernel_shutdown",
     "peer_gone",
     "queued",
+    "raw_accept",
     "raw_send",
     "raw_socket",
     "receive",
@@ -571,9 +571,12 @@ def wait_readable(sock: gsocket.socket) -> None:
     sock._wait(sock._read_event)
 
 
-def accept_raw(raw: _socket.socket) -> tuple[int, Any]:
-    """Non-blocking ``accept`` of a stdlib listening socket: ``(fd, sockaddr)``."""
-    return raw._accept()  # type: ignore[attr-defined]
+def raw_accept(listener: Any) -> Any:
+    """The non-blocking ``accept`` of the stdlib socket under a listening gevent
+    socket, as a function returning ``(fd, sockaddr)``; ``None`` once closed. (Taken
+    once per wake-up, called per connection: no call of ours in between.)"""
+    raw = raw_socket(listener)
+    return None if raw is None else raw._accept  # type: ignore[attr-defined]
 
 
 def tls_wrap(sock: gsocket.socket, ctx: ssl.SSLContext, *, server_side: bool,

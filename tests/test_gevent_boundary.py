@@ -63,17 +63,17 @@ def test_wait_readable_returns_once_data_arrives() -> None:
         b.close()
 
 
-def test_accept_raw_returns_an_fd_and_a_sockaddr() -> None:
+def test_raw_accept_returns_an_fd_and_a_sockaddr() -> None:
     listener = gsocket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    raw = _gevent.raw_socket(listener)
-    assert raw is not None
+    accept = _gevent.raw_accept(listener)
+    assert accept is not None
     try:
         with pytest.raises(BlockingIOError):
-            _gevent.accept_raw(raw)  # non-blocking: nobody is waiting
+            accept()  # non-blocking: nobody is waiting
         client = socket.create_connection(listener.getsockname())
-        fd, addr = _gevent.accept_raw(raw)
+        fd, addr = accept()
         try:
             assert isinstance(fd, int) and addr == client.getsockname()
         finally:
@@ -81,6 +81,7 @@ def test_accept_raw_returns_an_fd_and_a_sockaddr() -> None:
             client.close()
     finally:
         listener.close()
+    assert _gevent.raw_accept(listener) is None  # closed: nothing to accept from
 
 
 def _tls_pair(certs: Any) -> tuple[gssl.SSLSocket, gssl.SSLSocket]:
