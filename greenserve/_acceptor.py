@@ -462,17 +462,35 @@ class Acceptor:
                     continue
                 self._backoff = 0.0
                 admitted = self._admit(fd, addr, family, nodelay)
-                if admitted is not None:
-                    self._start(*admitted)
+                if admitted is None:
+                    continue
+                # Spawned here, not a call deeper: a gevent Greenlet records the stack it
+                # was spawned from (memory and time per connection, benchmarks/README.md).
+                sock, peer = admitted
+                try:
+                    if self._spawn is not None:
+                        g = self._spawn(self._serve, sock, peer)
+                    else:
+                        g = self._sw._fork_owning(self._serve_fn, self._unserved_fn, sock,
+                                                  peer, context=self._context, lean=self._lean)
+                except Exception as exc:
+                    self._spawn_failed(exc, sock, peer)
+                    continue
+                if sock in self._conns:  # (spawn=None: served and released already)
+                    self._conns[sock] = g
         except Exception as exc:  # a bug of ours, not the client's: say so, go on
             self._log(logging.ERROR, -2, "%s: accepting failed unexpectedly: %r",
                       self.name, exc, exc_info=exc)
         except BaseException:
-            self._watching = False  # as gevent left it; _update() restarts the watchers
-            for w in self._watchers:
-                w.stop()
-            gevent.get_hub().loop.run_callback(self._update)
+            self._deafened()
             raise
+
+    def _deafened(self) -> None:
+        # A BaseException left the accept callback: gevent stopped its watcher.
+        self._watching = False  # as gevent left it; _update() restarts the watchers
+        for w in self._watchers:
+            w.stop()
+        gevent.get_hub().loop.run_callback(self._update)
 
     def _ready(self, listener: gsocket.socket) -> Any:
         """The listener's non-blocking accept function (``_gevent.raw_accept``) to
@@ -521,24 +539,6 @@ class Acceptor:
     def _resume(self) -> None:
         self._timer.stop()
         self._update()
-
-    def _start(self, sock: Any, peer: Any) -> None:
-        """Start the fiber of a connection :meth:`_admit` counted in."""
-        # The fiber is made near the top of the functions on this path: a gevent
-        # Greenlet (a StreamServer's pool) records the stack it was spawned from, with
-        # each frame's line number, whose cost grows with the line's distance into its
-        # function (benchmarks/README.md).
-        try:
-            if self._spawn is not None:
-                g = self._spawn(self._serve, sock, peer)
-            else:
-                g = self._sw._fork_owning(self._serve_fn, self._unserved_fn, sock, peer,
-                                          context=self._context, lean=self._lean)
-        except Exception as exc:
-            self._spawn_failed(exc, sock, peer)
-            return
-        if sock in self._conns:
-            self._conns[sock] = g
 
     def _admit(self, fd: int, addr: Any, family: int, nodelay: bool) -> Any:
         """The accepted ``fd`` as a connection, counted in: ``(sock, peer)``; None when

@@ -503,7 +503,7 @@ class StreamServer:
     def _spawn_connection(self, serve: Callable[..., Any], sock: Any, peer: Any) -> Any:
         pool, spawn = self.pool, self._spawn
         if pool is None or not _pool_full(pool):
-            try:  # (the spawn first: see the engine's _start)
+            try:  # (the spawn first: see the engine's _accept_batch)
                 fiber = spawn(serve, sock, peer)  # type: ignore[misc]  # set when we run
             except Exception as exc:
                 return self._spawn_failed(exc, serve, sock, peer)
