@@ -468,12 +468,17 @@ class _SharedSocket(ServedSocket):
     __slots__ = ("_conn",)
     _conn: Conn | None
 
-    def _drop_events_and_close(self, *args: Any, **kwargs: Any) -> Any:
+    def _drop_events_and_close(self, closefd: bool = True, *args: Any, **kwargs: Any) -> Any:
         conn = getattr(self, "_conn", None)  # unset if closed while being made
         if conn is not None:
             self._conn = None
             conn._cancel_waits()
-        return super()._drop_events_and_close(*args, **kwargs)
+            if closefd:
+                # The connection is closed from now on, although gevent may close the
+                # fd a moment later (after other watchers on it, a Writer's, ran): a
+                # call on the Conn meanwhile would wait on an fd about to close.
+                conn._sock = _CLOSED
+        return super()._drop_events_and_close(closefd, *args, **kwargs)
 
 
 def is_plain(sock: Any) -> bool:
