@@ -10,8 +10,7 @@ request each and keep their connection, as HTTP keep-alive clients do."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -21,29 +20,14 @@ from gevent.event import Event
 
 from greenserve import Switch, Tcp, net, tcp
 
+from .helpers import Gauge
+
 pytestmark = pytest.mark.timeout(60)
 
 LIMIT = 3
 CLIENTS = 15
 WORK = 0.05  # each request's handler time: 15 requests, 3 at a time, take >= 0.25 s
 TIMEOUT = 10.0
-
-
-class Gauge:
-    """Connections (handlers) open at once, as the handlers see them."""
-
-    def __init__(self) -> None:
-        self.now = 0
-        self.peak = 0
-
-    @contextmanager
-    def inside(self) -> Iterator[None]:
-        self.now += 1
-        self.peak = max(self.peak, self.now)
-        try:
-            yield
-        finally:
-            self.now -= 1
 
 
 def flow_handler(gauge: Gauge) -> Callable[[Any, Any], None]:

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from greenserve import Flow, StreamServer, Switch, Writer, net, tcp
 
-from ..helpers import reset
+from ..helpers import Gauge, reset
 from .support import wait_until
-from .test_attack import connect_to
+from .test_attack import closing_server, connect_to
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,15 +64,6 @@ def run_server(handler: Callable[[Flow, Any], object], *, where: str = "127.0.0.
         g.join(TIMEOUT)
         assert g.dead
         g.get()
-
-
-@contextmanager
-def closing(server: Any) -> Iterator[Any]:
-    try:
-        yield server
-    finally:
-        server.close(close_existing_connections=True)
-        assert server.close_finished.wait(TIMEOUT)
 
 
 def addr_of(server: tcp.Server) -> Any:
@@ -127,25 +118,20 @@ def test_tcp_server_never_exceeds_the_limit_and_serves_every_waiting_client(
     are held (the rest wait in the backlog, even in the middle of a batch), and once
     the handlers go on every client is served; the counters say so exactly."""
     gate = Event()
-    running: list[int] = []
-    peak = [0]
+    running = Gauge()
 
     def handler(addr: Any, reader: tcp.Reader, writer: tcp.Writer) -> None:
-        running.append(1)
-        peak[0] = max(peak[0], len(running))
-        try:
+        with running.inside():
             line = reader.read_line()
             gate.wait()
             writer.write(b"ok " + (line or b"") + b"\n")
             writer.flush()
             reader.read_line()  # until the client closes
-        finally:
-            running.pop()
 
     where = f"unix:{tmp_path}/s.sock" if family == "unix" else "127.0.0.1:0"
     server = tcp.Server.create(where, handler, max_connections=3,
                                max_accepts_per_batch=batch, backlog=64)
-    with closing(server):
+    with closing_server(server):
         clients = [connect_to(addr_of(server)) for _ in range(12)]
         try:
             for i, c in enumerate(clients):
@@ -165,7 +151,7 @@ def test_tcp_server_never_exceeds_the_limit_and_serves_every_waiting_client(
             assert stats["accepted"] == 12
             assert stats["active"] == 0
             assert stats["peak_active"] == 3
-            assert peak[0] == 3
+            assert running.peak == 3
             assert stats["dropped"] == 0
             server.invariant()
             # Not deaf afterwards.
@@ -206,7 +192,7 @@ def test_drop_incoming_toggled_while_clients_arrive_counts_each_client_once(
     server = tcp.Server.create("127.0.0.1:0", handler, max_connections=4,
                                max_accepts_per_batch=batch, backlog=64)
     outcomes: list[str] = []
-    with closing(server):
+    with closing_server(server):
         for round_ in range(6):
             server.set_drop_incoming_connections(round_ % 2 == 1)
             clients = [connect_to(addr_of(server)) for _ in range(5)]
@@ -259,16 +245,13 @@ def test_stream_server_shared_pool_filled_by_others_waits_then_serves() -> None:
     pool = Pool(2)
     release = Event()
     others = [pool.spawn(release.wait) for _ in range(2)]
-    in_handler: list[int] = []
-    peak = [0]
+    in_handler = Gauge()
+    peak_pool = [0]
 
     def handle(sock: Any, address: Any) -> None:
-        in_handler.append(1)
-        peak[0] = max(peak[0], len(in_handler), len(pool))
-        try:
+        with in_handler.inside():
+            peak_pool[0] = max(peak_pool[0], len(pool))
             _echo_line(sock, address)
-        finally:
-            in_handler.pop()
 
     server = StreamServer(("127.0.0.1", 0), handle, spawn=pool)
     with started(server) as addr:
@@ -278,13 +261,13 @@ def test_stream_server_shared_pool_filled_by_others_waits_then_serves() -> None:
                 c.sendall(b"hi\n")
             for _ in range(5):
                 gevent.sleep(0.01)
-            assert not in_handler and len(pool) == 2
+            assert in_handler.now == 0 and len(pool) == 2
             release.set()
             gevent.joinall(others, timeout=TIMEOUT)
             for c in clients:
                 assert _read_line(c) == b"ok hi\n"
             wait_until(lambda: server.num_connections == 0)
-            assert peak[0] <= 2
+            assert in_handler.peak <= 2 and peak_pool[0] <= 2
             assert server.stats()["accepted"] == 4
         finally:
             for c in clients:
@@ -298,17 +281,12 @@ def test_stream_server_pool_kinds_respect_max_connections(kind: str) -> None:
     pool empty afterwards."""
     pool: Any = {"pool-none": Pool(None), "group": Group(), "pool-3": Pool(3)}[kind]
     gate = Event()
-    running: list[int] = []
-    peak = [0]
+    running = Gauge()
 
     def handle(sock: Any, address: Any) -> None:
-        running.append(1)
-        peak[0] = max(peak[0], len(running))
-        try:
+        with running.inside():
             gate.wait()
             _echo_line(sock, address)
-        finally:
-            running.pop()
 
     server = StreamServer(("127.0.0.1", 0), handle, spawn=pool, max_connections=2)
     with started(server) as addr:
@@ -316,16 +294,16 @@ def test_stream_server_pool_kinds_respect_max_connections(kind: str) -> None:
         try:
             for c in clients:
                 c.sendall(b"x\n")
-            wait_until(lambda: len(running) == 2)
+            wait_until(lambda: running.now == 2)
             for _ in range(5):
                 gevent.sleep(0.01)
-            assert len(running) == 2 and server.num_connections == 2
+            assert running.now == 2 and server.num_connections == 2
             gate.set()
             for c in clients:
                 assert _read_line(c) == b"ok x\n"
             wait_until(lambda: server.num_connections == 0 and len(pool) == 0)
             stats = server.stats()
-            assert stats["accepted"] == 6 and stats["peak_active"] == 2 and peak[0] == 2
+            assert stats["accepted"] == 6 and stats["peak_active"] == 2 and running.peak == 2
         finally:
             for c in clients:
                 c.close()
@@ -514,6 +492,17 @@ def _fd_reused_after_close(close: Callable[[], object], fileno: int) -> tuple[An
     return a, b
 
 
+def _assert_reuser_survived(pairs: list[Any], reused: bool) -> None:
+    """The first socket pair took the fd number a connection freed; the server's later
+    closes must have left it alone (the other pairs are closed here)."""
+    fd, a, b = pairs[0]
+    for _, x, y in pairs[1:]:
+        x.close()
+        y.close()
+    assert reused, "the pair did not take the freed fd number: inconclusive"
+    assert _pair_still_works(a, b), f"fd {fd} reused by a socket pair was closed by the server"
+
+
 def _pair_still_works(a: socket.socket, b: socket.socket) -> bool:
     try:
         a.sendall(b"alive")
@@ -563,12 +552,7 @@ def test_net_closing_a_flow_twice_never_closes_a_reused_fd(how: str) -> None:
             c2.settimeout(TIMEOUT)
             assert eof_or_reset(c2)
         assert not errors, errors
-    fd, a, b = pairs[0]
-    for _, x, y in pairs[1:]:
-        x.close()
-        y.close()
-    assert reused, "the pair did not take the freed fd number: inconclusive"
-    assert _pair_still_works(a, b), f"fd {fd} reused by a socket pair was closed by the server"
+    _assert_reuser_survived(pairs, reused)
     done.set()
 
 
@@ -635,12 +619,7 @@ def test_closing_the_connection_in_the_handler_never_closes_a_reused_fd(face: st
         else:
             server.close(close_existing_connections=True)
             assert server.close_finished.wait(TIMEOUT)
-    fd, a, b = pairs[0]
-    for _, x, y in pairs[1:]:
-        x.close()
-        y.close()
-    assert reused, "the pair did not take the freed fd number: inconclusive"
-    assert _pair_still_works(a, b), f"fd {fd} reused by a socket pair was closed by the server"
+    _assert_reuser_survived(pairs, reused)
 
 
 # -- 5. reclaiming idle connections at the limit ----------------------------------------------
@@ -696,7 +675,7 @@ def test_tcp_reclaim_admits_a_burst_of_waiting_clients_one_for_one(batch: int) -
     two connections at once, and the server is not deaf afterwards."""
     server = tcp.Server.create("127.0.0.1:0", _idle_lines, max_connections=2,
                                max_accepts_per_batch=batch)
-    with closing(server):
+    with closing_server(server):
         old = [connect_to(addr_of(server)) for _ in range(2)]
         new: list[Any] = []
         try:
@@ -726,7 +705,7 @@ def test_a_new_connection_that_has_sent_nothing_is_never_reclaimed() -> None:
     request may be on its way), a waiting client is not admitted by closing one of
     them: it waits until one ends by itself."""
     server = tcp.Server.create("127.0.0.1:0", _idle_lines, max_connections=2)
-    with closing(server):
+    with closing_server(server):
         silent = [connect_to(addr_of(server)) for _ in range(2)]
         try:
             wait_until(lambda: server.num_connections == 2)
@@ -926,7 +905,7 @@ def test_tcp_writer_after_close_and_reader_after_writer_close() -> None:
         outcome.set(got)
 
     server = tcp.Server.create("127.0.0.1:0", handler)
-    with closing(server), connect_to(addr_of(server)) as c:
+    with closing_server(server), connect_to(addr_of(server)) as c:
         c.sendall(b"go\n")
         data = b""
         while True:
@@ -1163,7 +1142,7 @@ def test_reclaim_and_limit_on_ipv6_and_unix(family: str, tmp_path: Path) -> None
     where = f"unix:{tmp_path}/r.sock" if family == "unix" else "[::1]:0"
     server = tcp.Server.create(where, _idle_lines, max_connections=1,
                                max_accepts_per_batch=16)
-    with closing(server):
+    with closing_server(server):
         addr = server.listening_on if family == "unix" else ("::1", server.listening_on)
         first = _connect_any(addr)
         try:
@@ -1185,16 +1164,11 @@ def test_stream_server_with_a_pool_on_ipv6_and_unix(family: str, tmp_path: Path)
     clients all served, never more than two at once."""
     if family == "ipv6" and not _has_ipv6_loopback():
         pytest.skip("no IPv6 loopback")
-    running: list[int] = []
-    peak = [0]
+    running = Gauge()
 
     def handle(sock: Any, address: Any) -> None:
-        running.append(1)
-        peak[0] = max(peak[0], len(running))
-        try:
+        with running.inside():
             _echo_line(sock, address)
-        finally:
-            running.pop()
 
     listener: Any = f"unix:{tmp_path}/p.sock" if family == "unix" else ("::1", 0)
     server = StreamServer(listener, handle, spawn=Pool(2))
@@ -1211,6 +1185,6 @@ def test_stream_server_with_a_pool_on_ipv6_and_unix(family: str, tmp_path: Path)
             for c in clients:
                 c.close()
         wait_until(lambda: server.num_connections == 0)
-        assert peak[0] <= 2 and server.stats()["accepted"] == 8
+        assert running.peak <= 2 and server.stats()["accepted"] == 8
     finally:
         server.stop(timeout=1)
