@@ -388,6 +388,10 @@ class Acceptor:
                     self.name, _plural(self.active), abort_grace)
         return False
 
+    def serves(self, fiber: Any) -> bool:
+        """True if ``fiber`` is the fiber of one of this engine's connections."""
+        return fiber in self._conns.values()
+
     def abort_connections(self) -> None:
         """Shut down every open connection and cancel its handler.
 

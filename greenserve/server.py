@@ -153,7 +153,8 @@ class StreamServer:
         self._listening: ListeningSocket | None = None
         self._run: _Run | None = None
         self._accepting = False        # what start_accepting/stop_accepting asked for
-        self._handling: set[Any] = set()    # greenlets running one of our handlers
+        self._handling: set[Any] = set()    # greenlets running one of our handlers, for
+        # a spawn whose greenlets the engine's table may not hold (see set_spawn)
         self._rejected: weakref.WeakSet[Any] = weakref.WeakSet()  # fibers not to call handle
         self._any_rejected = False  # whether _rejected was ever used (a WeakSet's `in`
         # is Python code: the common case skips it)
@@ -214,6 +215,10 @@ class StreamServer:
         if size is not None and size <= 0:
             raise ValueError(f"spawn: a Pool of size {size} can never run a handler")
         self.pool, self._spawn, self._in_switch = pool, fn, in_switch
+        # Whether the engine's own table may not know the greenlet a handler runs in
+        # (a spawn that is not a gevent Group's returns what it likes): then the
+        # handlers' greenlets are tracked here (memory per connection otherwise).
+        self._track_handlers = not (in_switch or spawn is None or isinstance(pool, Group))
 
     def set_handle(self, handle: Handle | None) -> None:
         """Use ``handle(socket, address)`` for new connections (``None``: keep the
@@ -362,7 +367,8 @@ class StreamServer:
         self.close()
         if run is None:
             return
-        if getcurrent() in self._handling:
+        me = getcurrent()
+        if me in self._handling or run.acceptor.serves(me):  # called from a handler
             gevent.spawn(run.drain, timeout)
             return
         run.drain(timeout)
@@ -417,7 +423,9 @@ class StreamServer:
         if self._any_rejected and me in self._rejected:
             return  # the spawn for it failed: the engine just closes the socket
         address = as_accepted(peer)
-        self._handling.add(me)
+        tracked = self._track_handlers
+        if tracked:
+            self._handling.add(me)
         try:
             handle(conn, address)
         except BaseException as exc:
@@ -432,7 +440,8 @@ class StreamServer:
             add_note(exc, f"handling connection from {peer}")
             self._report_handler_error(exc, peer)
         finally:
-            self._handling.discard(me)
+            if tracked:
+                self._handling.discard(me)
             self.do_close(conn, address)
 
     def do_close(self, sock: Any, *args: Any) -> None:

@@ -135,12 +135,23 @@ def test_serve_forever_stops_when_its_greenlet_is_killed() -> None:
     assert not server.started and server.closed
 
 
-def test_stop_from_inside_a_handler() -> None:
+def _spawn_returning_nothing(fn: Any, *args: Any) -> None:
+    gevent.spawn(fn, *args)
+
+
+@pytest.mark.parametrize("spawn", ["default", "hub", "pool", "gevent.spawn", "spawn_raw",
+                                   "returns nothing"])
+def test_stop_from_inside_a_handler(spawn: str) -> None:
+    # stop() sees it runs in a handler (it must not wait for itself), whatever runs them.
+    chosen: Any = {"default": "default", "hub": None, "pool": Pool(4),
+                   "gevent.spawn": gevent.spawn, "spawn_raw": gevent.spawn_raw,
+                   "returns nothing": _spawn_returning_nothing}[spawn]
+
     def handler(sock: Any, address: Any) -> None:
         server.stop()
         sock.sendall(b"bye")
 
-    server = StreamServer(("127.0.0.1", 0), handler)
+    server = StreamServer(("127.0.0.1", 0), handler, spawn=chosen)
     server.start()
     assert request(server) == b"bye"
     wait_until(lambda: server.num_connections == 0)
