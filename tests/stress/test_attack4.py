@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from greenserve import Flow, StreamServer, Switch, Writer, net, tcp
 
+from ..contract.faces import HAS_IPV6
 from ..helpers import Gauge, reset
 from .support import wait_until
 from .test_attack import closing_server, connect_to
@@ -1123,22 +1124,12 @@ def _connect_any(addr: Any) -> gsocket.socket:
     return connect_to(addr)
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("family", ["ipv6", "unix"])
 def test_reclaim_and_limit_on_ipv6_and_unix(family: str, tmp_path: Path) -> None:
     """The limit and reclaiming on ``[::1]`` and on a unix socket (no TCP byte
     counts there: reclaim goes by the reads the Reader reports): an idle connection
     is reclaimed for a waiting client, counts are exact, nothing leaks."""
-    if family == "ipv6" and not _has_ipv6_loopback():
-        pytest.skip("no IPv6 loopback")
+    assert family != "ipv6" or HAS_IPV6, "this host has no ::1"
     where = f"unix:{tmp_path}/r.sock" if family == "unix" else "[::1]:0"
     server = tcp.Server.create(where, _idle_lines, max_connections=1,
                                max_accepts_per_batch=16)
@@ -1162,8 +1153,7 @@ def test_reclaim_and_limit_on_ipv6_and_unix(family: str, tmp_path: Path) -> None
 def test_stream_server_with_a_pool_on_ipv6_and_unix(family: str, tmp_path: Path) -> None:
     """StreamServer with ``spawn=Pool(2)`` on ``[::1]`` and on a unix path: a burst of
     clients all served, never more than two at once."""
-    if family == "ipv6" and not _has_ipv6_loopback():
-        pytest.skip("no IPv6 loopback")
+    assert family != "ipv6" or HAS_IPV6, "this host has no ::1"
     running = Gauge()
 
     def handle(sock: Any, address: Any) -> None:
