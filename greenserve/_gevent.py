@@ -61,6 +61,7 @@ __all__ = [
     "tls_send_nowait",
     "tls_wrap",
     "wait_readable",
+    "wake_loop",
 ]
 
 _LITTLE = sys.byteorder == "little"
@@ -574,6 +575,20 @@ def has_unread(sock: Any) -> bool:
 def wait_readable(sock: gsocket.socket) -> None:
     """Block the calling greenlet until ``sock`` is readable (honours its timeout)."""
     sock._wait(sock._read_event)
+
+
+def _noop() -> None:
+    pass
+
+
+def wake_loop() -> None:
+    """Make the loop's next poll return at once, so that callbacks scheduled now (an
+    ``Event.set()``'s wake-ups) run before the loop blocks. Needed in a callback that
+    may run from the loop's prepare phase, after gevent ran its callback queue there:
+    an io event the loop was *fed* (``closing_fd``, when a socket on the fd closes) is
+    invoked in that phase, and whatever it schedules would otherwise wait for the next
+    real event."""
+    gevent.get_hub().loop.timer(0).start(_noop)
 
 
 def raw_accept(listener: Any) -> Any:

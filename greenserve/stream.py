@@ -757,7 +757,11 @@ class Writer:
                 self._consumer_left.set()
             else:
                 self._consumer_left = True
-        self._wake_flushers(everyone=True)
+        if self._flushers:
+            self._wake_flushers(everyone=True)
+            # A failure found by a send the loop was fed (the fd closing under a
+            # stalled writer) runs before the loop's poll: wake the flushers first.
+            _gevent.wake_loop()
         if self._on_failure is not None:
             self._call_on_failure(self._on_failure, exc)
 

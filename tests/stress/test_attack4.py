@@ -732,9 +732,11 @@ def test_a_new_connection_that_has_sent_nothing_is_never_reclaimed() -> None:
 
 
 def _outcome(handler_body: Callable[[Flow], Any],
-             client: Callable[[Any], object] | None = None, limit: float = 1.5) -> Any:
-    """Run ``handler_body(flow)`` in a run_server handler (bounded by a ``limit`` s
-    ``gevent.Timeout``: "HUNG" if it fires); return what it returned or raised."""
+             client: Callable[[Any], object] | None = None, limit: float = 1.5,
+             where: str = "127.0.0.1:0") -> Any:
+    """Run ``handler_body(flow)`` in a run_server handler listening on ``where``
+    (bounded by a ``limit`` s ``gevent.Timeout``: "HUNG" if it fires); return what it
+    returned or raised."""
     outcome: AsyncResult = AsyncResult()
 
     def handler(flow: Flow, addr: Any) -> None:
@@ -746,7 +748,7 @@ def _outcome(handler_body: Callable[[Flow], Any],
         except BaseException as exc:
             outcome.set(exc)
 
-    with run_server(handler) as (addr, errors), connect_to(addr) as c:
+    with run_server(handler, where=where) as (addr, errors), connect_to(addr) as c:
         if client is not None:
             client(c)
         got = outcome.get(timeout=TIMEOUT)
@@ -782,8 +784,10 @@ def test_flow_write_after_flow_socket_close_raises_at_once() -> None:
     assert isinstance(got, OSError), got
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
 @pytest.mark.parametrize("op", ["write", "read"])
-def test_flow_use_after_flow_socket_close_with_a_stalled_writer_on_it(op: str) -> None:
+def test_flow_use_after_flow_socket_close_with_a_stalled_writer_on_it(
+        op: str, transport: str, tmp_path: Path) -> None:
     """``flow.socket.close()`` while a ``Writer`` over ``flow.socket`` waits for the
     kernel: that writer's io watcher on the fd makes gevent close the fd a moment later
     (after the watcher ran). The ``Conn`` under the flow is closed at once all the same
@@ -812,7 +816,8 @@ def test_flow_use_after_flow_socket_close_with_a_stalled_writer_on_it(op: str) -
         w.close()
         return result
 
-    got = _outcome(body)
+    where = f"unix:{tmp_path}/w.sock" if transport == "unix" else "127.0.0.1:0"
+    got = _outcome(body, where=where)
     assert isinstance(got, list), f"flow.{op} after flow.socket.close(): {got}"
     assert f"flow.{op} returned" not in got and "flush returned" not in got, got
 
