@@ -489,10 +489,12 @@ def is_plain(sock: Any) -> bool:
     return cls is gsocket.socket or cls is Conn or cls is ServedSocket or cls is _SharedSocket
 
 
-def receive(sock: gsocket.socket | Conn, method: str, arg: Any, wait_first: bool) -> Any:
-    """Call the raw ``recv``/``recv_into`` (``method``) of a plain gevent socket.
+def receive(sock: gsocket.socket, method: str, arg: Any, wait_first: bool) -> Any:
+    """Call the raw ``recv``/``recv_into`` (``method``) of a plain gevent socket
+    (a :class:`Conn` has this as its own :meth:`Conn.receive`, which callers call
+    directly).
 
-    The one read path of :class:`Flow` and :class:`~greenserve.stream.Reader`: the
+    The read path of :class:`Flow` and :class:`~greenserve.stream.Reader`: the
     non-blocking call on the raw socket, waiting for readability (with the socket's
     timeout, as gevent's own ``recv`` does) only when it would block, or first when
     ``wait_first``: after a read that came back short the kernel buffer is almost surely
@@ -500,8 +502,6 @@ def receive(sock: gsocket.socket | Conn, method: str, arg: Any, wait_first: bool
     Never for TLS sockets: their SSL object can hold decrypted bytes while the kernel's
     buffer is empty.
     """
-    if isinstance(sock, Conn):
-        return sock.receive(method, arg, wait_first)
     if wait_first and sock.timeout != 0.0:
         sock._wait(sock._read_event)
     while True:

@@ -256,8 +256,7 @@ class Flow(_Owned, ReclaimMarks):
             # One raw send first: the kernel almost always takes a whole reply at once,
             # and gevent's sendall adds three Python calls and a memoryview to that.
             try:
-                sent = (sock._sock.send(data) if sock.__class__ is _Conn  # its own socket
-                        else _gevent.raw_send(sock, data))
+                sent = _gevent.raw_send(sock, data)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:

@@ -96,7 +96,7 @@ TLS_RECORD = 16384
 _CR = 13  # b"\r"[0]
 # The buffer of a Reader or Writer with nothing in it: shared, immutable.
 _EMPTY = b""
-_Conn = _gevent.Conn  # a server's lean connection (its reads and sends go to it directly)
+_Conn = _gevent.Conn  # a server's lean connection (it has its own receive)
 
 # Writer states (see the module docstring).
 _IDLE, _SCHEDULED, _WAITING = 0, 1, 2
@@ -446,18 +446,14 @@ class Writer:
         if on_failure is not None and not callable(on_failure):
             raise TypeError(f"on_failure must be callable or None, not "
                             f"{type(on_failure).__name__}")
-        if sock.__class__ is _Conn:  # a server's lean connection: its own stdlib socket
-            raw: Any = sock._sock
-            fd = raw.fileno()
-        else:
-            fd = sock.fileno()
-            # A plain gevent socket's non-blocking stdlib socket sends without gevent's
-            # wrapper; a TLS socket must go through its SSL object.
-            raw = _gevent.raw_socket(sock) if _gevent.is_plain(sock) else None
+        fd = sock.fileno()
         if fd < 0:
             raise ValueError("sock is closed")
         self._sock = sock
-        self._raw = raw
+        # A plain socket's non-blocking stdlib socket (a gevent socket's, or a lean
+        # connection's) sends without a wrapper; a TLS socket must go through its SSL
+        # object.
+        self._raw: Any = _gevent.raw_socket(sock) if _gevent.is_plain(sock) else None
         # As the Reader's: shared and empty until bytes must wait in it.
         self._buf: bytes | bytearray = _EMPTY
         # A bytes object written while nothing was pending is kept as is (no copy into
@@ -624,9 +620,7 @@ class Writer:
         want = _gevent.WRITE
         sock = self._sock
         try:
-            if sock.__class__ is _Conn:
-                sent = sock._sock.send(data)  # EBADF once closed (its _sock then says so)
-            elif raw is not None and _gevent.holds(sock, raw):
+            if raw is not None and _gevent.holds(sock, raw):
                 sent = raw.send(data)
             elif isinstance(self._sock, gssl.SSLSocket):
                 sent, want = self._send_tls(data)
