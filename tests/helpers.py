@@ -107,20 +107,3 @@ def tls_over(raw: Any, ctx: Any, hostname: str | None = "localhost", *,
         tls.close()
         raise
     return tls
-
-
-class Gauge:
-    """Connections (handlers) open at once, as the handlers see them."""
-
-    def __init__(self) -> None:
-        self.now = 0
-        self.peak = 0
-
-    @contextmanager
-    def inside(self) -> Iterator[None]:
-        self.now += 1
-        self.peak = max(self.peak, self.now)
-        try:
-            yield
-        finally:
-            self.now -= 1

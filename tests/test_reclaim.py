@@ -20,7 +20,7 @@ from gevent.event import Event
 
 from greenserve import Switch, Tcp, net, tcp
 
-from .helpers import Gauge
+from .stress.support import Gauge
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from greenserve import Flow, StreamServer, Switch, Writer, net, tcp
 
 from ..contract.faces import HAS_IPV6
-from ..helpers import Gauge, reset
-from .support import wait_until
+from ..helpers import reset
+from .support import Gauge, wait_until
 from .test_attack import closing_server, connect_to
 
 pytestmark = pytest.mark.timeout(30)
@@ -119,10 +119,10 @@ def test_tcp_server_never_exceeds_the_limit_and_serves_every_waiting_client(
     are held (the rest wait in the backlog, even in the middle of a batch), and once
     the handlers go on every client is served; the counters say so exactly."""
     gate = Event()
-    running = Gauge()
+    gauge = Gauge()
 
     def handler(addr: Any, reader: tcp.Reader, writer: tcp.Writer) -> None:
-        with running.inside():
+        with gauge.inside():
             line = reader.read_line()
             gate.wait()
             writer.write(b"ok " + (line or b"") + b"\n")
@@ -152,7 +152,7 @@ def test_tcp_server_never_exceeds_the_limit_and_serves_every_waiting_client(
             assert stats["accepted"] == 12
             assert stats["active"] == 0
             assert stats["peak_active"] == 3
-            assert running.peak == 3
+            assert gauge.peak == 3
             assert stats["dropped"] == 0
             server.invariant()
             # Not deaf afterwards.
@@ -262,7 +262,7 @@ def test_stream_server_shared_pool_filled_by_others_waits_then_serves() -> None:
                 c.sendall(b"hi\n")
             for _ in range(5):
                 gevent.sleep(0.01)
-            assert in_handler.now == 0 and len(pool) == 2
+            assert in_handler.running == 0 and len(pool) == 2
             release.set()
             gevent.joinall(others, timeout=TIMEOUT)
             for c in clients:
@@ -282,10 +282,10 @@ def test_stream_server_pool_kinds_respect_max_connections(kind: str) -> None:
     pool empty afterwards."""
     pool: Any = {"pool-none": Pool(None), "group": Group(), "pool-3": Pool(3)}[kind]
     gate = Event()
-    running = Gauge()
+    gauge = Gauge()
 
     def handle(sock: Any, address: Any) -> None:
-        with running.inside():
+        with gauge.inside():
             gate.wait()
             _echo_line(sock, address)
 
@@ -295,16 +295,16 @@ def test_stream_server_pool_kinds_respect_max_connections(kind: str) -> None:
         try:
             for c in clients:
                 c.sendall(b"x\n")
-            wait_until(lambda: running.now == 2)
+            wait_until(lambda: gauge.running == 2)
             for _ in range(5):
                 gevent.sleep(0.01)
-            assert running.now == 2 and server.num_connections == 2
+            assert gauge.running == 2 and server.num_connections == 2
             gate.set()
             for c in clients:
                 assert _read_line(c) == b"ok x\n"
             wait_until(lambda: server.num_connections == 0 and len(pool) == 0)
             stats = server.stats()
-            assert stats["accepted"] == 6 and stats["peak_active"] == 2 and running.peak == 2
+            assert stats["accepted"] == 6 and stats["peak_active"] == 2 and gauge.peak == 2
         finally:
             for c in clients:
                 c.close()
@@ -1159,10 +1159,10 @@ def test_stream_server_with_a_pool_on_ipv6_and_unix(family: str, tmp_path: Path)
     """StreamServer with ``spawn=Pool(2)`` on ``[::1]`` and on a unix path: a burst of
     clients all served, never more than two at once."""
     assert family != "ipv6" or HAS_IPV6, "this host has no ::1"
-    running = Gauge()
+    gauge = Gauge()
 
     def handle(sock: Any, address: Any) -> None:
-        with running.inside():
+        with gauge.inside():
             _echo_line(sock, address)
 
     listener: Any = f"unix:{tmp_path}/p.sock" if family == "unix" else ("::1", 0)
@@ -1180,6 +1180,6 @@ def test_stream_server_with_a_pool_on_ipv6_and_unix(family: str, tmp_path: Path)
             for c in clients:
                 c.close()
         wait_until(lambda: server.num_connections == 0)
-        assert running.peak <= 2 and server.stats()["accepted"] == 8
+        assert gauge.peak <= 2 and server.stats()["accepted"] == 8
     finally:
         server.stop(timeout=1)
